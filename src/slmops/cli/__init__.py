@@ -1,0 +1,49 @@
+"""The `slmops` command line: a thin skin over the library. Errors become one line and exit 2."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from slmops import __version__
+from slmops.errors import SlmopsError
+
+
+class UserError(click.ClickException):
+    """A SlmopsError at the CLI edge: one line on stderr, exit code 2, no traceback."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"Error: {self.message}", err=True)
+
+
+class SlmopsGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SlmopsError as exc:
+            raise UserError(str(exc)) from None
+
+
+@click.group(cls=SlmopsGroup)
+@click.version_option(__version__, prog_name="slmops")
+@click.option("-v", "--verbose", is_flag=True, help="Show library logs (Olive, transformers).")
+def cli(verbose: bool) -> None:
+    """Fine-tune, align and ship small language models, with Microsoft Olive as the engine."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+
+
+def _register() -> None:
+    from slmops.cli import finetune, recipes
+
+    cli.add_command(finetune.finetune_command)
+    cli.add_command(recipes.recipes_group)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="slmops")

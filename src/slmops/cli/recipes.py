@@ -1,0 +1,48 @@
+"""`slmops recipes list|show|validate`."""
+
+from __future__ import annotations
+
+import click
+
+from slmops.recipe import find_recipe, load_recipe, recipe_dirs, recipe_to_yaml
+
+
+@click.group("recipes")
+def recipes_group() -> None:
+    """List, show and validate recipes."""
+
+
+def _shipped() -> list:
+    seen, found = set(), []
+    for folder in recipe_dirs():
+        for path in sorted(folder.glob("*.yaml")):
+            if path.stem not in seen:
+                seen.add(path.stem)
+                found.append(path)
+    return found
+
+
+@recipes_group.command("list")
+def list_command() -> None:
+    """The shipped recipes: name, method, model and data."""
+    for path in _shipped():
+        r = load_recipe(str(path))
+        data = r.data.file or r.data.dataset
+        click.echo(f"{path.stem:32} {r.method:6} {r.model.name:28} {data}")
+
+
+@recipes_group.command("show")
+@click.argument("recipe")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any key, e.g. lora.r=8.")
+def show_command(recipe: str, sets: tuple[str, ...]) -> None:
+    """Print a recipe with every default filled in."""
+    click.echo(recipe_to_yaml(load_recipe(recipe, sets=list(sets))), nl=False)
+
+
+@recipes_group.command("validate")
+@click.argument("recipes", nargs=-1)
+def validate_command(recipes: tuple[str, ...]) -> None:
+    """Validate recipes (default: every shipped recipe). Exit 2 on the first invalid one."""
+    for name in recipes or [str(p) for p in _shipped()]:
+        load_recipe(name)
+        click.echo(f"ok  {find_recipe(name)}")

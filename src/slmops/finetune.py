@@ -1,0 +1,166 @@
+"""Run a recipe's fine-tune through Olive and collect the adapter, the configs and the loss log.
+
+Output folder (written to a temporary sibling, renamed into place when complete):
+    adapter/            the PEFT adapter (no copy of the base model)
+    recipe.yaml         the resolved recipe
+    olive_config.json   the exact Olive workflow config that ran
+    training_log.jsonl  one line per logged step (loss, learning rate, ...)
+    run.json            summary: steps, losses, time, model, data hashes, versions
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from slmops import data as data_mod
+from slmops.atomic import atomic_dir
+from slmops.errors import RunError
+from slmops.models import ResolvedModel, resolve_model
+from slmops.olive_config import package_config, render_finetune
+from slmops.recipe import Recipe, recipe_to_yaml
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """Everything resolved before any training starts."""
+
+    recipe: Recipe
+    model: ResolvedModel
+    train: data_mod.DataSource
+    eval_source: Optional[data_mod.DataSource]
+    n_train: int
+    n_eval: int
+
+
+@dataclass
+class FinetuneResult:
+    output_dir: str
+    adapter_dir: Optional[str]
+    dry_run: bool
+    n_train: int
+    n_eval: int
+    steps: int = 0
+    first_loss: Optional[float] = None
+    final_loss: Optional[float] = None
+    eval_loss: Optional[float] = None
+    seconds: float = 0.0
+    log: list[dict] = field(default_factory=list)
+
+
+def plan(recipe: Recipe) -> Plan:
+    """Resolve the model and data and validate every row, so bad input fails before training."""
+    if recipe.method == "qlora":
+        check_qlora()
+    d = recipe.data
+    train = data_mod.locate(d.file, d.dataset, d.split)
+    eval_source = data_mod.locate(d.eval_file, d.dataset, d.split) if d.eval_file else None
+    examples, held = data_mod.sft_splits(
+        train, d.format, eval_source=eval_source, eval_split=d.eval_split,
+        max_samples=d.max_samples, drop_duplicates=d.dedupe, seed=recipe.training.seed,
+    )
+    model = resolve_model(recipe.model.name)
+    return Plan(recipe, model, train, eval_source, len(examples), len(held))
+
+
+def check_qlora() -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # ImportError, or a broken native library
+        raise RunError(
+            "method: qlora needs bitsandbytes, which is not usable here; install it with "
+            "`pip install 'slmops[qlora]'`, or use method: lora (--set method=lora)"
+        ) from None
+
+
+def finetune(recipe: Recipe, output_dir: Path, dry_run: bool = False) -> FinetuneResult:
+    """Plan, render the Olive config, run it (unless dry_run) and write the output folder."""
+    p = plan(recipe)
+    with atomic_dir(output_dir) as tmp:
+        work = tmp / "work"
+        config = render_finetune(recipe, str(p.model.path), p.train, p.eval_source, work_dir=str(work))
+        (tmp / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        (tmp / "olive_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        result = FinetuneResult(str(output_dir), None, dry_run, p.n_train, p.n_eval)
+        if not dry_run:
+            _train(p, config, tmp, result)
+        (tmp / "run.json").write_text(json.dumps(_run_record(p, result), indent=2) + "\n")
+    return result
+
+
+def _train(p: Plan, config: dict, tmp: Path, result: FinetuneResult) -> None:
+    from olive.workflows import run as olive_run
+
+    import slmops.olive_data  # noqa: F401 - registers slmops' data components with Olive
+
+    start = time.monotonic()
+    workflow = olive_run(copy.deepcopy(config), package_config=package_config())  # Olive mutates it
+    result.seconds = round(time.monotonic() - start, 1)
+    adapter = _find_adapter(workflow, Path(config["output_dir"]))
+    shutil.copytree(adapter, tmp / "adapter")
+    result.adapter_dir = str(Path(result.output_dir) / "adapter")
+    result.log = _loss_log(Path(config["passes"]["sft"]["training_args"]["output_dir"]))
+    _summarise(result)
+    with open(tmp / "training_log.jsonl", "w") as fh:
+        for entry in result.log:
+            fh.write(json.dumps(entry) + "\n")
+    shutil.rmtree(tmp / "work", ignore_errors=True)  # Olive's cache, its copy of the model, checkpoints
+
+
+def _find_adapter(workflow, olive_output: Path) -> Path:
+    """The adapter folder Olive produced. Olive may 'succeed' with no output model: check."""
+    best = workflow.get_best_candidate() if workflow is not None and workflow.has_output_model() else None
+    if best is not None:
+        adapter = (best.model_config.get("config") or {}).get("adapter_path")
+        if adapter and (Path(adapter) / "adapter_config.json").is_file():
+            return Path(adapter)
+    found = sorted(olive_output.rglob("adapter_config.json"))
+    if found:
+        return found[0].parent
+    raise RunError("Olive finished without producing an adapter; rerun with --verbose to see Olive's log")
+
+
+def _loss_log(checkpoints: Path) -> list[dict]:
+    states = sorted(checkpoints.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    if not states:
+        return []
+    history = json.loads(states[-1].read_text()).get("log_history", [])
+    return [entry for entry in history if "loss" in entry or "eval_loss" in entry]
+
+
+def _summarise(result: FinetuneResult) -> None:
+    train = [e for e in result.log if "loss" in e]
+    evals = [e for e in result.log if "eval_loss" in e]
+    if train:
+        result.first_loss, result.final_loss = train[0]["loss"], train[-1]["loss"]
+        result.steps = int(train[-1].get("step", len(train)))
+    if evals:
+        result.eval_loss = evals[-1]["eval_loss"]
+
+
+def _run_record(p: Plan, result: FinetuneResult) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for pkg in ("slmops", "olive-ai", "torch", "transformers", "peft", "trl", "datasets"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    record = {k: v for k, v in asdict(result).items() if k != "log"}
+    record.update(
+        recipe=p.recipe.name,
+        method=p.recipe.method,
+        model={"name": p.model.name, "source": p.model.source, "hub_id": p.model.hub_id, "path": str(p.model.path)},
+        data={"train": asdict(p.train), "eval": asdict(p.eval_source) if p.eval_source else None},
+        versions=versions,
+    )
+    return record

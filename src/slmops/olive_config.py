@@ -1,0 +1,158 @@
+"""Recipe -> Olive workflow config (a pure function), and the package config for slmops passes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+from slmops.data import DataSource
+from slmops.recipe import Recipe
+
+SFT_PASS = "sft"
+_OLIVE_PASS = {"lora": "LoRA", "qlora": "QLoRA"}
+
+
+def portable_sources(recipe: Recipe) -> tuple[DataSource, Optional[DataSource]]:
+    """The data as the recipe names it (hub id + file name), located only when the workflow runs."""
+    d = recipe.data
+    train = DataSource(dataset=d.dataset, file=d.file, split=d.split)
+    held = DataSource(dataset=d.dataset, file=d.eval_file, split=d.split) if d.eval_file else None
+    return train, held
+
+
+def render_finetune(
+    recipe: Recipe,
+    model_path: str,
+    train: DataSource,
+    eval_source: Optional[DataSource] = None,
+    work_dir: str = ".",
+) -> dict:
+    """The Olive workflow that fine-tunes `model_path` as the recipe says. Pure: same inputs, same dict."""
+    data_configs = [_sft_data_config("train_data", "train", recipe, model_path, train, eval_source)]
+    has_eval = bool(recipe.data.eval_split or eval_source)
+    if has_eval:
+        data_configs.append(_sft_data_config("eval_data", "eval", recipe, model_path, train, eval_source))
+    return {
+        "input_model": {
+            "type": "HfModel",
+            "model_path": model_path,
+            "task": "text-generation",
+            "load_kwargs": {"trust_remote_code": recipe.model.trust_remote_code},
+        },
+        "systems": {"local_system": {"type": "LocalSystem"}},
+        "data_configs": data_configs,
+        "passes": {SFT_PASS: _sft_pass(recipe, has_eval, work_dir)},
+        "host": "local_system",
+        "target": "local_system",
+        "evaluate_input_model": False,
+        "log_severity_level": 3,
+        "cache_dir": f"{work_dir}/olive-cache",
+        "output_dir": f"{work_dir}/olive-output",
+    }
+
+
+def _sft_data_config(
+    name: str, part: str, recipe: Recipe, model_path: str, train: DataSource, eval_source: Optional[DataSource]
+) -> dict:
+    d = recipe.data
+    return {
+        "name": name,
+        "type": "DataContainer",
+        "load_dataset_config": {
+            "type": "slmops_sft_dataset",
+            "params": {
+                "source": _source_dict(train),
+                "format": d.format,
+                "part": part,
+                "eval_source": _source_dict(eval_source) if eval_source else None,
+                "eval_split": d.eval_split,
+                "max_samples": d.max_samples,
+                "dedupe": d.dedupe,
+                "seed": recipe.training.seed,
+            },
+        },
+        "pre_process_data_config": {
+            "type": "slmops_sft_tokenize",
+            "params": {
+                "model_name": model_path,
+                "max_seq_len": d.max_seq_len,
+                "chat_template": d.chat_template,
+                "trust_remote_code": recipe.model.trust_remote_code,
+            },
+        },
+    }
+
+
+def _source_dict(source: DataSource) -> dict:
+    # The content hash is part of the config, so Olive's cache key changes when the data does.
+    return {k: v for k, v in dataclasses.asdict(source).items() if v is not None}
+
+
+def _sft_pass(recipe: Recipe, has_eval: bool, work_dir: str) -> dict:
+    lora, t = recipe.lora, recipe.training
+    config = {
+        "type": _OLIVE_PASS[recipe.method],
+        "r": lora.r,
+        "alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": list(lora.target_modules),
+        "torch_dtype": t.dtype,
+        "train_data_config": "train_data",
+        "training_args": _training_args(recipe, has_eval, work_dir),
+    }
+    if has_eval:
+        config["eval_data_config"] = "eval_data"
+    if recipe.method == "qlora":
+        q = recipe.qlora
+        config.update(quant_type=q.quant_type, double_quant=q.double_quant, compute_dtype=q.compute_dtype or t.dtype)
+    return config
+
+
+def _training_args(recipe: Recipe, has_eval: bool, work_dir: str) -> dict:
+    t = recipe.training
+    # Checkpoints carry trainer_state.json (the loss log) and let a run be resumed.
+    save = {"save_strategy": "steps", "save_steps": t.save_steps or t.max_steps} if t.max_steps > 0 else {
+        "save_strategy": "steps" if t.save_steps else "epoch", **({"save_steps": t.save_steps} if t.save_steps else {})
+    }
+    args = {
+        "output_dir": f"{work_dir}/checkpoints",
+        "per_device_train_batch_size": t.batch_size,
+        "per_device_eval_batch_size": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "learning_rate": t.learning_rate,
+        "lr_scheduler_type": t.lr_scheduler,
+        "warmup_ratio": t.warmup_ratio,
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "max_steps": t.max_steps,
+        "num_train_epochs": t.epochs,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "logging_steps": t.logging_steps,
+        "seed": t.seed,
+        "data_seed": t.seed,
+        "report_to": "none",
+        "save_total_limit": 1,
+        "remove_unused_columns": False,
+        **save,
+    }
+    if has_eval:
+        args["eval_strategy"] = "steps" if t.max_steps > 0 else "epoch"
+        if t.max_steps > 0:
+            args["eval_steps"] = t.save_steps or t.max_steps
+    return args
+
+
+def package_config() -> dict:
+    """Olive's own pass registry plus slmops' passes: a package config REPLACES Olive's registry."""
+    import olive
+
+    shipped = Path(olive.__file__).parent / "olive_config.json"
+    config = json.loads(shipped.read_text())
+    config["passes"].update(SLMOPS_PASSES)
+    return config
+
+
+# slmops' own Olive passes (module path and capabilities, in Olive's registry format).
+SLMOPS_PASSES: dict[str, dict] = {}

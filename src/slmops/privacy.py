@@ -1,0 +1,49 @@
+"""Nothing leaves the machine: telemetry off everywhere, the hub offline unless a run needs it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from slmops import compat
+from slmops.models import needs_hub
+from slmops.recipe import Recipe
+
+# onnxruntime / onnxruntime-genai queue telemetry events on Linux; only ORT_DISABLE_TELEMETRY
+# stops them. HF_HUB_DISABLE_TELEMETRY stops the hub's usage pings.
+_ALWAYS = {
+    "ORT_DISABLE_TELEMETRY": "1",
+    "OLIVE_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def go_offline(allow_hub: bool = False) -> None:
+    """Turn every library's telemetry off and, unless allowed, keep the model hub offline.
+
+    Call before importing transformers, datasets or onnxruntime: they read these at import time.
+    """
+    os.environ.update(_ALWAYS)
+    if not allow_hub:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+    compat.silence_olive_telemetry()
+
+
+def recipe_needs_hub(recipe: Recipe) -> bool:
+    """The hub is used only when the user named something that exists nowhere but on the hub."""
+    if needs_hub(recipe.model.name):
+        return True
+    d = recipe.data
+    return bool(d.dataset) and not (d.file and _local_data(d.file))
+
+
+def _local_data(file: str) -> bool:
+    data_dir = os.environ.get("SLMOPS_DATA_DIR")
+    return Path(file).expanduser().exists() or bool(data_dir and (Path(data_dir) / Path(file).name).exists())
+
+
+def prepare_environment(recipe: Recipe) -> None:
+    go_offline(allow_hub=recipe_needs_hub(recipe))

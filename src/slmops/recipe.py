@@ -1,0 +1,223 @@
+"""The recipe: a typed, validated description of one fine-tune (model, data, method, training).
+
+Precedence: schema defaults < recipe file < CLI flags < ``--set key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from slmops.errors import RecipeError
+from slmops.models import DEFAULT_MODEL
+
+Dtype = Literal["bfloat16", "float16", "float32"]
+SftFormat = Literal["auto", "alpaca", "input_output", "prompt_completion", "messages", "text"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name: str = Field(
+        DEFAULT_MODEL,
+        description="Alias (smollm2-135m-instruct, embedded), local Hugging Face folder, or hub id.",
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
+
+
+class DataSection(Section):
+    dataset: Optional[str] = Field(
+        None, description="Hub dataset id: the portable name, used when `file` is not found locally."
+    )
+    file: Optional[str] = Field(
+        None,
+        description="Data file (json, jsonl, csv, parquet): a path, or a name looked up in $SLMOPS_DATA_DIR, "
+        "or a file inside `dataset` on the hub.",
+    )
+    split: str = Field("train", description="Split to read from a hub dataset.")
+    format: SftFormat = Field("auto", description="Row format; auto detects it from the columns.")
+    chat_template: bool = Field(True, description="Format prompts with the model's chat template if it has one.")
+    eval_split: Optional[float] = Field(
+        None, gt=0, lt=1, description="Fraction of rows held out for evaluation (seeded)."
+    )
+    eval_file: Optional[str] = Field(None, description="A separate evaluation file (same lookup as `file`).")
+    max_samples: Optional[int] = Field(None, ge=1, description="Use at most this many training rows.")
+    max_seq_len: int = Field(512, ge=16, description="Tokens per example; longer examples are truncated.")
+    dedupe: bool = Field(True, description="Drop exact duplicate rows.")
+
+    @model_validator(mode="after")
+    def _check_source(self):
+        if not self.dataset and not self.file:
+            raise ValueError("needs `file` (a data file) or `dataset` (a hub dataset id)")
+        if self.eval_split and self.eval_file:
+            raise ValueError("set either eval_split or eval_file, not both")
+        return self
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1, le=4096, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"], min_length=1, description="Module names that get LoRA."
+    )
+
+
+class QLoraSection(Section):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="bitsandbytes 4-bit type of the frozen base.")
+    double_quant: bool = Field(True, description="Quantise the quantisation constants too.")
+    compute_dtype: Optional[Dtype] = Field(None, description="Compute dtype; defaults to training.dtype.")
+
+
+class TrainingSection(Section):
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1 trains for `epochs` instead.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps is -1.")
+    batch_size: int = Field(2, ge=1, le=4096, description="Examples per device per step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate (AdamW).")
+    lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "constant"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    dtype: Dtype = Field("bfloat16", description="Training dtype (float16 means fp16 mixed precision).")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    logging_steps: int = Field(1, ge=1, description="Log the loss every N steps.")
+    save_steps: Optional[int] = Field(None, ge=1, description="Checkpoint every N steps (default: at the end).")
+    seed: int = Field(42, ge=0)
+
+
+class Recipe(Section):
+    name: Optional[str] = Field(None, description="Recipe name; defaults to the file name.")
+    description: Optional[str] = None
+    method: Literal["lora", "qlora"] = Field("lora", description="lora, or qlora (4-bit base, needs bitsandbytes).")
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection
+    lora: LoraSection = Field(default_factory=LoraSection)
+    qlora: QLoraSection = Field(default_factory=QLoraSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+UNSET = object()  # a CLI flag value that clears a recipe key (None means "flag not given")
+
+
+def recipe_dirs() -> list[Path]:
+    """Where shipped recipes are looked up: ./recipes, then the source checkout's recipes/."""
+    dirs = [Path.cwd() / "recipes", Path(__file__).resolve().parents[2] / "recipes"]
+    unique: list[Path] = []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in [u.resolve() for u in unique]:
+            unique.append(d)
+    return unique
+
+
+def find_recipe(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    for folder in recipe_dirs():
+        for candidate in (folder / name_or_path, folder / f"{name_or_path}.yaml"):
+            if candidate.is_file():
+                return candidate
+    raise RecipeError(f"recipe '{name_or_path}' not found; pass a YAML file path or a name from `slmops recipes list`")
+
+
+def read_recipe_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {path}: not UTF-8 text; save it as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "cannot be parsed"
+        raise RecipeError(f"recipe {path}: invalid YAML{where}: {problem}; fix the YAML syntax") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path}: expected a mapping of sections (model, data, ...) at the top level")
+    return raw
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Turn ``a.b=value`` into (["a", "b"], value); the value is read as YAML (numbers, lists, ...)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise RecipeError(f"--set '{item}': expected key=value with a dotted key, e.g. --set lora.r=16")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_override(raw: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = raw
+    for i, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            dotted, parent = ".".join(keys), ".".join(keys[: i + 1])
+            raise RecipeError(f"--set {dotted}: '{parent}' is not a section; set a key inside a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def build_recipe(raw: dict[str, Any], source: str, overrides: list[tuple[list[str], Any]] = ()) -> Recipe:
+    """Validate a raw mapping (with overrides applied) into a Recipe, or raise one RecipeError."""
+    for keys, value in overrides:
+        apply_override(raw, keys, value)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(f"recipe {source}: {format_validation_error(exc)}") from None
+
+
+def load_recipe(name_or_path: str, flags: dict[str, Any] | None = None, sets: list[str] = ()) -> Recipe:
+    """Load a recipe file, apply CLI flags (dotted key -> value) then --set overrides, validate."""
+    path = find_recipe(name_or_path)
+    raw = read_recipe_file(path)
+    overrides = [
+        (key.split("."), None if value is UNSET else value) for key, value in (flags or {}).items() if value is not None
+    ]
+    overrides += [parse_override(item) for item in sets]
+    recipe = build_recipe(raw, str(path), overrides)
+    if recipe.name is None:
+        recipe.name = path.stem
+    return recipe
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """All problems at once, as 'field.path: message' joined on one line."""
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "recipe"
+        if err["type"] == "extra_forbidden":
+            problems.append(f"{loc}: unknown key ({_known_keys_hint(err['loc'])})")
+        elif err["type"] == "missing":
+            problems.append(f"{loc}: required key is missing")
+        else:
+            problems.append(f"{loc}: {err['msg']}")
+    return "; ".join(problems)
+
+
+def _known_keys_hint(loc: tuple) -> str:
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return "check the spelling"
+        model = annotation
+    return "known keys: " + ", ".join(model.model_fields)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The fully resolved recipe (defaults filled in), as written next to every run's outputs."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
