@@ -334,11 +334,9 @@ def _preference_row(number: int, row: dict, problems: Problems) -> Optional[dict
     if example is None:
         problems.add(number, "prompt", "is empty: chosen and rejected share no prompt; add a prompt column")
         return None
+    # An empty answer is kept: in hh-rlhf, saying nothing is sometimes the less harmful choice.
     if example["chosen"].strip() == example["rejected"].strip():
         problems.add(number, "rejected", "is the same as chosen")
-        return None
-    if not example["chosen"].strip() or not example["rejected"].strip():
-        problems.add(number, "chosen" if not example["chosen"].strip() else "rejected", "has no answer after the prompt")
         return None
     return example
 

@@ -23,7 +23,7 @@ from slmops import data as data_mod
 from slmops.atomic import atomic_dir
 from slmops.errors import RunError
 from slmops.models import ResolvedModel, resolve_model
-from slmops.olive_config import package_config, render_finetune
+from slmops.olive_config import package_config, render_finetune, validate_with_olive
 from slmops.recipe import Recipe, recipe_to_yaml
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,10 @@ class FinetuneResult:
     n_train: int
     n_eval: int
     steps: int = 0
-    first_loss: Optional[float] = None
-    final_loss: Optional[float] = None
+    first_loss: Optional[float] = None  # mean of the first few logged steps (one step is noisy)
+    final_loss: Optional[float] = None  # mean of the last few logged steps
+    loss_window: int = 0
+    eval_loss_start: Optional[float] = None  # before any training (eval_on_start)
     eval_loss: Optional[float] = None
     seconds: float = 0.0
     log: list[dict] = field(default_factory=list)
@@ -87,6 +89,7 @@ def finetune(recipe: Recipe, output_dir: Path, dry_run: bool = False) -> Finetun
     with atomic_dir(output_dir) as tmp:
         work = tmp / "work"
         config = render_finetune(recipe, str(p.model.path), p.train, p.eval_source, work_dir=str(work))
+        validate_with_olive(config)
         (tmp / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         (tmp / "olive_config.json").write_text(json.dumps(config, indent=2) + "\n")
         result = FinetuneResult(str(output_dir), None, dry_run, p.n_train, p.n_eval)
@@ -137,13 +140,18 @@ def _loss_log(checkpoints: Path) -> list[dict]:
 
 
 def _summarise(result: FinetuneResult) -> None:
-    train = [e for e in result.log if "loss" in e]
+    train = [e["loss"] for e in result.log if "loss" in e]
     evals = [e for e in result.log if "eval_loss" in e]
     if train:
-        result.first_loss, result.final_loss = train[0]["loss"], train[-1]["loss"]
-        result.steps = int(train[-1].get("step", len(train)))
+        window = max(1, min(5, len(train) // 4))
+        result.loss_window = window
+        result.first_loss = round(sum(train[:window]) / window, 4)
+        result.final_loss = round(sum(train[-window:]) / window, 4)
+        result.steps = int([e for e in result.log if "loss" in e][-1].get("step", len(train)))
     if evals:
-        result.eval_loss = evals[-1]["eval_loss"]
+        result.eval_loss = round(evals[-1]["eval_loss"], 4)
+        if len(evals) > 1 and evals[0].get("step", 0) == 0:
+            result.eval_loss_start = round(evals[0]["eval_loss"], 4)
 
 
 def _run_record(p: Plan, result: FinetuneResult) -> dict:

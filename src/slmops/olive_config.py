@@ -139,6 +139,7 @@ def _training_args(recipe: Recipe, has_eval: bool, work_dir: str) -> dict:
     }
     if has_eval:
         args["eval_strategy"] = "steps" if t.max_steps > 0 else "epoch"
+        args["eval_on_start"] = True  # a step-0 eval loss, to show what training changed
         if t.max_steps > 0:
             args["eval_steps"] = t.save_steps or t.max_steps
     return args
@@ -156,3 +157,87 @@ def package_config() -> dict:
 
 # slmops' own Olive passes (module path and capabilities, in Olive's registry format).
 SLMOPS_PASSES: dict[str, dict] = {}
+
+
+def validate_with_olive(config: dict) -> None:
+    """Have Olive parse the workflow and build every pass's config class, without running anything.
+
+    Raises RunError naming the pass and Olive's complaint; this is what --dry-run checks.
+    """
+    import copy
+
+    from olive.hardware.accelerator import AcceleratorSpec
+    from olive.package_config import OlivePackageConfig
+    from olive.workflows.run.config import RunConfig
+    from pydantic import ValidationError
+
+    import slmops.olive_data  # noqa: F401 - the data components the config names
+    from slmops.errors import RunError
+
+    packages = OlivePackageConfig.parse_file_or_obj(package_config())
+    try:
+        run_config = RunConfig.parse_file_or_obj(copy.deepcopy(config))
+    except (ValidationError, ValueError) as exc:
+        raise RunError(f"Olive rejected the workflow config: {_first_line(exc)}") from None
+    spec = AcceleratorSpec("cpu", "CPUExecutionProvider")
+    for name, pass_configs in run_config.passes.items():
+        for pass_config in pass_configs:
+            try:
+                packages.import_pass_module(pass_config.type).generate_config(
+                    spec, pass_config.config, disable_search=True
+                )
+            except (ValidationError, ValueError, KeyError) as exc:
+                kind = config["passes"][name]["type"]
+                raise RunError(f"Olive rejected pass '{name}' ({kind}): {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    """Olive's complaint in one line; for pydantic errors, 'field: message' per field."""
+    if hasattr(exc, "errors"):
+        seen = {}
+        for err in exc.errors():
+            seen.setdefault(str(err["loc"][0]) if err["loc"] else "config", err["msg"])
+        return "; ".join(f"{field}: {msg}" for field, msg in seen.items())
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return "; ".join(lines[:3]) if lines else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Golden configs: olive_configs/<recipe>.json, the portable rendering of every shipped recipe
+
+
+def render_portable(recipe: Recipe) -> dict:
+    """The config a user with the hub could run anywhere: hub ids, no local paths or hashes."""
+    from slmops.models import portable_name
+
+    train, held = portable_sources(recipe)
+    return render_finetune(recipe, portable_name(recipe.model.name), train, held)
+
+
+def golden_text(recipe_path: Path) -> str:
+    from slmops.recipe import load_recipe
+
+    return json.dumps(render_portable(load_recipe(str(recipe_path))), indent=2) + "\n"
+
+
+def write_golden_configs(recipes: Path, configs: Path) -> list[Path]:
+    configs.mkdir(exist_ok=True)
+    written = []
+    for recipe_path in sorted(recipes.glob("*.yaml")):
+        out = configs / f"{recipe_path.stem}.json"
+        out.write_text(golden_text(recipe_path))
+        written.append(out)
+    return written
+
+
+def drifted_configs(recipes: Path, configs: Path) -> list[str]:
+    """Names of recipes whose golden config is missing, stale, or has no recipe any more."""
+    names = {p.stem for p in recipes.glob("*.yaml")} | {p.stem for p in configs.glob("*.json")}
+    drifted = []
+    for name in sorted(names):
+        recipe_path, config_path = recipes / f"{name}.yaml", configs / f"{name}.json"
+        if not (recipe_path.is_file() and config_path.is_file()):
+            drifted.append(name)
+        elif config_path.read_text() != golden_text(recipe_path):
+            drifted.append(name)
+    return drifted

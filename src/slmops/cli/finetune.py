@@ -53,10 +53,13 @@ def _summary(recipe, result) -> str:
              f"(r={recipe.lora.r}, {', '.join(recipe.lora.target_modules)}) - recipe {recipe.name}",
              f"  examples      {result.n_train} train, {result.n_eval} eval"]
     if not result.dry_run:
-        loss = f"{result.first_loss:.4f} -> {result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+        loss = "n/a"
+        if result.final_loss is not None:
+            loss = f"{result.first_loss:.4f} -> {result.final_loss:.4f} (mean of first/last {result.loss_window} steps)"
+        lines += [f"  steps         {result.steps}", f"  train loss    {loss}"]
         if result.eval_loss is not None:
-            loss += f" (eval {result.eval_loss:.4f})"
-        lines += [f"  steps         {result.steps}", f"  loss          {loss}",
-                  f"  time          {result.seconds:.1f} s", f"  adapter       {out / 'adapter'}"]
+            start = f"{result.eval_loss_start:.4f} -> " if result.eval_loss_start is not None else ""
+            lines.append(f"  eval loss     {start}{result.eval_loss:.4f}")
+        lines += [f"  time          {result.seconds:.1f} s", f"  adapter       {out / 'adapter'}"]
     lines += [f"  olive config  {out / 'olive_config.json'}", f"  recipe        {out / 'recipe.yaml'}"]
     return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""Shared fixtures: a tiny random Llama with a tokenizer trained in-process, and the real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from slmops.privacy import go_offline
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SLMOPS_DATA_DIR") or REPO.parent / "shared" / "data")
+
+# Tests never touch the network: same switches as every slmops command.
+go_offline(allow_hub=False)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "h4rmony_alpaca.jsonl").is_file():
+        pytest.fail(f"real data not found in {SHARED_DATA}; set SLMOPS_DATA_DIR to the shared data folder")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _data_dir_env(monkeypatch):
+    monkeypatch.setenv("SLMOPS_DATA_DIR", str(SHARED_DATA))
+
+
+def build_tiny_model(folder: Path, texts: list[str], seed: int = 0) -> Path:
+    """A 2-layer Llama (hidden 32) and a 400-token byte-level BPE trained on `texts`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, shared_data) -> Path:
+    texts = [json.loads(line)["output"] for line in (shared_data / "h4rmony_alpaca.jsonl").open()][:200]
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), texts)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Record every outbound connection attempt (and refuse it); loopback and unix sockets are allowed."""
+    attempts: list = []
+    real_connect = socket.socket.connect
+
+    def guarded(self, address):
+        host = address[0] if isinstance(address, tuple) else None
+        if host is not None and host not in ("127.0.0.1", "::1", "localhost"):
+            attempts.append(address)
+            raise OSError("network disabled in tests")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    monkeypatch.setattr(socket.socket, "connect_ex", lambda self, address: guarded(self, address) or 0)
+    return attempts
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_recipe(path: Path, body: str) -> Path:
+    path.write_text(body, encoding="utf-8")
+    return path

@@ -1,0 +1,34 @@
+"""Each workaround in slmops.compat has a test here that fails once upstream no longer needs it."""
+
+from olive.telemetry import telemetry as olive_telemetry
+
+from slmops import compat
+
+
+def _fresh_telemetry(monkeypatch):
+    calls = []
+    monkeypatch.setattr(olive_telemetry.Telemetry, "_instance", None)
+    for var in olive_telemetry._CI_ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OLIVE_DISABLE_TELEMETRY", "1")
+    monkeypatch.setattr(olive_telemetry.Telemetry, "_create_logger", lambda self: None)
+    monkeypatch.setattr(olive_telemetry.Telemetry, "_log_heartbeat", lambda self, *a, **k: calls.append("heartbeat"))
+    return calls
+
+
+def test_olive_still_sends_a_heartbeat_despite_disable_flag(monkeypatch):
+    """Fails when Olive honours OLIVE_DISABLE_TELEMETRY before its heartbeat:
+    then compat.silence_olive_telemetry can go."""
+    calls = _fresh_telemetry(monkeypatch)
+    olive_telemetry.Telemetry()
+    assert calls == ["heartbeat"]
+
+
+def test_silenced_olive_telemetry_sends_nothing(monkeypatch):
+    calls = _fresh_telemetry(monkeypatch)
+    compat.silence_olive_telemetry()
+    telemetry = olive_telemetry.Telemetry()
+    telemetry.log("OliveAction", {"invoked_from": "test"})
+    telemetry.disable_telemetry()
+    assert calls == []
+    assert telemetry._logger is None

@@ -1,0 +1,280 @@
+import json
+
+import pytest
+from conftest import write_jsonl
+
+from slmops import data
+from slmops.errors import DataError
+
+
+def _rows(*rows):
+    return list(enumerate(rows, start=1))
+
+
+# --- SFT formats -------------------------------------------------------------------------------
+
+
+def test_alpaca_with_and_without_input():
+    examples = data.normalise_sft(_rows(
+        {"instruction": "Translate", "input": "hola", "output": "hello"},
+        {"instruction": "Say hi", "input": "", "output": "hi"},
+    ), "t")
+    assert examples[0] == {"prompt": [{"role": "user", "content": "Translate\n\nhola"}], "completion": "hello"}
+    assert examples[1]["prompt"][0]["content"] == "Say hi"
+
+
+def test_input_output_and_prompt_completion_and_system():
+    io = data.normalise_sft(_rows({"input": "q", "output": "a", "system": "be brief"}), "t")
+    assert io == [{"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"}],
+                   "completion": "a"}]
+    pc = data.normalise_sft(_rows({"prompt": "q", "completion": "a"}), "t")
+    assert pc == [{"prompt": [{"role": "user", "content": "q"}], "completion": "a"}]
+
+
+def test_messages_and_sharegpt():
+    msgs = data.normalise_sft(_rows({"messages": [
+        {"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}), "t")
+    assert msgs == [{"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                     "completion": "a"}]
+    share = data.normalise_sft(_rows({"conversations": [{"from": "human", "value": "u"}, {"from": "gpt", "value": "a"}]}), "t")
+    assert share == [{"prompt": [{"role": "user", "content": "u"}], "completion": "a"}]
+
+
+def test_plain_text():
+    assert data.normalise_sft(_rows({"text": "once upon"}), "t") == [{"prompt": None, "completion": "once upon"}]
+
+
+def test_explicit_format_overrides_detection():
+    # rows have both prompt/completion and text; detection picks prompt_completion, the recipe says text
+    rows = _rows({"prompt": "p", "completion": "c", "text": "whole"})
+    assert data.normalise_sft(rows, "t", "text") == [{"prompt": None, "completion": "whole"}]
+    assert data.normalise_sft(rows, "t")[0]["completion"] == "c"
+
+
+def test_undetectable_format():
+    with pytest.raises(DataError, match=r"cannot tell the format from columns \['answer', 'question'\]"):
+        data.normalise_sft(_rows({"question": "q", "answer": "a"}), "f.jsonl")
+
+
+def test_preference_data_refused_for_sft():
+    with pytest.raises(DataError, match="that is preference data; use it for DPO"):
+        data.normalise_sft(_rows({"chosen": "a", "rejected": "b"}), "f.jsonl")
+
+
+def test_all_bad_rows_reported_with_row_and_field():
+    rows = _rows(
+        {"instruction": "ok", "output": "fine"},
+        {"instruction": "no output"},
+        {"instruction": 3, "output": "x"},
+        {"instruction": "empty", "output": "  "},
+    )
+    with pytest.raises(DataError) as err:
+        data.normalise_sft(rows, "f.jsonl")
+    assert str(err.value) == (
+        "f.jsonl: 3 bad row(s): row 2 field 'output': is missing; row 3 field 'instruction': expected text, "
+        "got int; row 4 field 'output': is empty; fix those rows or set data.format (read as 'alpaca')"
+    )
+
+
+def test_problem_list_is_capped():
+    rows = _rows(*([{"input": "x"}] * 30))
+    rows[0] = (1, {"input": "x", "output": "y"})
+    with pytest.raises(DataError, match=r"29 bad row\(s\).*\(and 19 more\)"):
+        data.normalise_sft(rows, "f")
+
+
+def test_messages_must_end_with_assistant():
+    with pytest.raises(DataError, match="row 1 field 'messages': the last message must be the assistant's answer"):
+        data.normalise_sft(_rows({"messages": [{"role": "user", "content": "u"}]}), "f")
+
+
+# --- Reading files ----------------------------------------------------------------------------
+
+
+def test_reads_jsonl_json_csv_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row = {"input": "q", "output": "a"}
+    write_jsonl(tmp_path / "d.jsonl", [row, row])
+    (tmp_path / "d.json").write_text(json.dumps({"data": [row]}))
+    (tmp_path / "d.csv").write_text("input,output\nq,a\n")
+    pq.write_table(pa.Table.from_pylist([row]), tmp_path / "d.parquet")
+    for name, first_row in [("d.jsonl", 1), ("d.json", 1), ("d.csv", 2), ("d.parquet", 1)]:
+        rows = data.read_rows(data.locate(str(tmp_path / name), None))
+        assert rows[0] == (first_row, row), name
+
+
+def test_jsonl_bad_lines_are_numbered(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"input": "q", "output": "a"}\n\n{broken\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"2 bad row\(s\): row 3: invalid JSON .*; row 4: expected a JSON object"):
+        data.read_rows(data.locate(str(path), None))
+
+
+def test_non_utf8_names_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl: line 2 is not UTF-8 text; re-save the file as UTF-8"):
+        data.read_rows(data.locate(str(path), None))
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "d.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="the data set is empty"):
+        data.read_rows(data.locate(str(tmp_path / "d.jsonl"), None))
+
+
+def test_unsupported_suffix(tmp_path):
+    (tmp_path / "d.txt").write_text("hello")
+    with pytest.raises(DataError, match="unsupported file type '.txt'"):
+        data.read_rows(data.locate(str(tmp_path / "d.txt"), None))
+
+
+def test_locate_uses_data_dir_and_hashes(tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "x.jsonl", [{"text": "t"}])
+    monkeypatch.setenv("SLMOPS_DATA_DIR", str(tmp_path))
+    source = data.locate("some/where/x.jsonl", "org/x")
+    assert source.path == str((tmp_path / "x.jsonl").resolve())
+    assert source.sha256 == data.file_sha256(tmp_path / "x.jsonl")
+
+
+def test_locate_offline_without_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLMOPS_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataError, match=r"data file 'nope.jsonl' not found: looked at nope.jsonl and .*nope.jsonl "
+                                        r"\(SLMOPS_DATA_DIR is .*\); the hub \(for org/ds\) is offline; set SLMOPS_DATA_DIR"):
+        data.locate("nope.jsonl", "org/ds")
+
+
+def test_changed_file_is_detected(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])
+    spec = {"path": str(path), "sha256": data.file_sha256(path)}
+    assert data.source_from_dict(spec).path == str(path)
+    write_jsonl(path, [{"text": "b"}])
+    with pytest.raises(DataError, match="the file changed since the run was planned"):
+        data.source_from_dict(spec)
+
+
+# --- Real data --------------------------------------------------------------------------------
+
+
+def test_h4rmony_reads_and_dedupes(shared_data):
+    source = data.locate("h4rmony_alpaca.jsonl", None)
+    train, held = data.sft_splits(source, eval_split=0.1, seed=42)
+    assert (len(train), len(held)) == (462, 51)  # 517 rows, 4 exact duplicates
+    assert train[0]["prompt"][0]["content"].startswith("Below is an instruction")
+    again, held_again = data.sft_splits(source, eval_split=0.1, seed=42)
+    assert held_again == held
+    _, other = data.sft_splits(source, eval_split=0.1, seed=7)
+    assert other != held
+    assert not {json.dumps(e, sort_keys=True) for e in held} & {json.dumps(e, sort_keys=True) for e in train}
+
+
+def test_hh_rlhf_implicit_prompt_split(shared_data):
+    rows = data.read_rows(data.locate("hh_rlhf_harmless_1k.jsonl", None))
+    examples = data.normalise_preference(rows, "hh")
+    assert len(examples) == len(rows)
+    first, raw = examples[0], rows[0][1]
+    assert first["prompt"][-1]["role"] == "user"
+    assert all(m["role"] in ("user", "assistant") for m in first["prompt"])
+    assert raw["chosen"].startswith("\n\nHuman: " + first["prompt"][0]["content"])
+    assert raw["chosen"].rstrip().endswith(first["chosen"])
+    assert raw["rejected"].rstrip().endswith(first["rejected"])
+    assert first["chosen"] != first["rejected"]
+    assert not first["chosen"].startswith("Assistant:")
+
+
+# --- Preference formats -----------------------------------------------------------------------
+
+
+def test_implicit_prompt_split_multi_turn():
+    chosen = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour and water."
+    rejected = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: How do I bake bread?\n\nAssistant: Mix sand."
+    ex = data.split_implicit_prompt(chosen, rejected)
+    assert ex == {
+        "prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                   {"role": "user", "content": "How do I bake bread?"}],
+        "chosen": "Mix flour and water.",
+        "rejected": "Mix sand.",
+    }
+
+
+def test_implicit_prompt_split_without_markers():
+    ex = data.split_implicit_prompt("The sky is blue today", "The sky is green today")
+    assert ex == {"prompt": [{"role": "user", "content": "The sky is"}], "chosen": "blue today",
+                  "rejected": "green today"}
+    assert data.split_implicit_prompt("abc", "xyz") is None
+
+
+def test_explicit_preference_strings_and_messages():
+    ex = data.normalise_preference(_rows(
+        {"prompt": "q", "chosen": "good", "rejected": "bad"},
+        {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "good"}],
+         "rejected": [{"role": "assistant", "content": "bad"}]},
+    ), "t")
+    assert ex[0] == ex[1] == {"prompt": [{"role": "user", "content": "q"}], "chosen": "good", "rejected": "bad"}
+
+
+def test_implicit_message_lists():
+    conv = [{"role": "user", "content": "q"}]
+    ex = data.normalise_preference(_rows({
+        "chosen": conv + [{"role": "assistant", "content": "good"}],
+        "rejected": conv + [{"role": "assistant", "content": "bad"}],
+    }), "t")
+    assert ex == [{"prompt": conv, "chosen": "good", "rejected": "bad"}]
+
+
+def test_bad_preference_rows():
+    rows = _rows(
+        {"prompt": "q", "chosen": "a"},
+        {"prompt": "q", "chosen": "same", "rejected": "same"},
+        {"chosen": "alpha", "rejected": "omega"},
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+    )
+    with pytest.raises(DataError) as err:
+        data.normalise_preference(rows, "p.jsonl")
+    assert str(err.value) == (
+        "p.jsonl: 3 bad row(s): row 1 field 'rejected': is missing; row 2 field 'rejected': is the same as chosen; "
+        "row 3 field 'prompt': is empty: chosen and rejected share no prompt; add a prompt column; "
+        "fix those rows (each needs a prompt, and chosen different from rejected)"
+    )
+
+
+# --- Tokenisation -----------------------------------------------------------------------------
+
+
+def test_tokenize_masks_prompt_and_keeps_examples_apart(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    examples = [{"prompt": [{"role": "user", "content": "plant trees"}], "completion": "yes, many trees"},
+                {"prompt": None, "completion": "plain text"}]
+    first, second = data.tokenize_sft(examples, tok, max_seq_len=128)
+    n_prompt = sum(1 for label in first["labels"] if label == data.IGNORE_INDEX)
+    prompt_text = tok.apply_chat_template(examples[0]["prompt"], tokenize=False, add_generation_prompt=True)
+    assert tok.decode(first["input_ids"][:n_prompt]) == prompt_text
+    assert tok.decode(first["labels"][n_prompt:]) == "yes, many trees<|im_end|>\n"
+    assert first["labels"][n_prompt:] == first["input_ids"][n_prompt:]
+    assert data.IGNORE_INDEX not in second["labels"]  # plain text: every token is trained on
+    assert tok.decode(second["input_ids"]) == "plain text<|im_end|>"
+
+
+def test_tokenize_truncates_prompt_before_answer(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    long = {"prompt": [{"role": "user", "content": "trees " * 200}], "completion": "short answer"}
+    (feat,) = data.tokenize_sft([long], tok, max_seq_len=32)
+    assert len(feat["input_ids"]) == 32
+    assert tok.decode([t for t in feat["labels"] if t != data.IGNORE_INDEX]) == "short answer<|im_end|>\n"
+
+
+def test_tokenize_without_chat_template(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    (feat,) = data.tokenize_sft([{"prompt": [{"role": "user", "content": "Q:"}], "completion": "A"}], tok, 64,
+                                use_chat_template=False)
+    n_prompt = feat["labels"].count(data.IGNORE_INDEX)
+    assert tok.decode(feat["input_ids"][:n_prompt]) == "Q:\n"
+    assert tok.decode(feat["input_ids"][n_prompt:]) == "A<|im_end|>"

@@ -1,0 +1,115 @@
+import copy
+import json
+
+import pytest
+from conftest import REPO, write_recipe
+
+from slmops.data import DataSource
+from slmops.errors import RunError
+from slmops.olive_config import (
+    drifted_configs,
+    golden_text,
+    package_config,
+    render_finetune,
+    render_portable,
+    validate_with_olive,
+)
+from slmops.recipe import load_recipe
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_golden_config_matches_recipe(path):
+    golden = REPO / "olive_configs" / f"{path.stem}.json"
+    assert golden.is_file(), f"missing {golden}; run python scripts/render_olive_configs.py"
+    assert golden.read_text() == golden_text(path), f"{golden.name} drifted; run python scripts/render_olive_configs.py"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_golden_config_is_accepted_by_olive(path):
+    validate_with_olive(json.loads((REPO / "olive_configs" / f"{path.stem}.json").read_text()))
+
+
+def test_drift_is_detected(tmp_path):
+    recipes, configs = tmp_path / "recipes", tmp_path / "configs"
+    recipes.mkdir()
+    configs.mkdir()
+    write_recipe(recipes / "a.yaml", "data:\n  file: x.jsonl\n")
+    (configs / "a.json").write_text(golden_text(recipes / "a.yaml"))
+    assert drifted_configs(recipes, configs) == []
+    write_recipe(recipes / "a.yaml", "data:\n  file: x.jsonl\nlora:\n  r: 4\n")
+    (configs / "orphan.json").write_text("{}")
+    assert drifted_configs(recipes, configs) == ["a", "orphan"]
+
+
+def _recipe(tmp_path, extra=""):
+    return load_recipe(str(write_recipe(tmp_path / "r.yaml", "data:\n  file: d.jsonl\n" + extra)))
+
+
+def test_render_lora_pass(tmp_path):
+    r = _recipe(tmp_path, "lora:\n  r: 8\n  alpha: 16\n  target_modules: [q_proj]\ntraining:\n  max_steps: 7\n")
+    src = DataSource(path="/data/d.jsonl", sha256="ab" * 32)
+    config = render_finetune(r, "/models/m", src, work_dir="/w")
+    sft = config["passes"]["sft"]
+    assert sft["type"] == "LoRA"
+    assert (sft["r"], sft["alpha"], sft["target_modules"]) == (8, 16, ["q_proj"])
+    assert sft["training_args"]["max_steps"] == 7
+    assert sft["training_args"]["save_steps"] == 7
+    assert sft["training_args"]["output_dir"] == "/w/checkpoints"
+    assert "eval_data_config" not in sft and len(config["data_configs"]) == 1
+    load = config["data_configs"][0]["load_dataset_config"]["params"]
+    assert load["source"] == {"path": "/data/d.jsonl", "sha256": "ab" * 32, "split": "train"}
+    assert config["data_configs"][0]["pre_process_data_config"]["params"]["model_name"] == "/models/m"
+    assert config["input_model"]["model_path"] == "/models/m"
+    assert config["cache_dir"] == "/w/olive-cache"
+
+
+def test_render_is_pure(tmp_path):
+    r = _recipe(tmp_path)
+    src = DataSource(path="/d.jsonl", sha256="00")
+    first = render_finetune(r, "/m", src)
+    assert render_finetune(r, "/m", src) == first
+    before = copy.deepcopy(r.model_dump())
+    render_finetune(r, "/m", src)
+    assert r.model_dump() == before
+
+
+def test_data_hash_is_in_the_config(tmp_path):
+    # Olive's cache key comes from the config: a changed file must change it.
+    r = _recipe(tmp_path)
+    a = render_finetune(r, "/m", DataSource(path="/d.jsonl", sha256="aa"))
+    b = render_finetune(r, "/m", DataSource(path="/d.jsonl", sha256="bb"))
+    assert a != b
+
+
+def test_render_qlora_and_eval(tmp_path):
+    r = _recipe(tmp_path, "  eval_split: 0.2\nmethod: qlora\nqlora:\n  quant_type: fp4\n")
+    config = render_finetune(r, "/m", DataSource(path="/d.jsonl"))
+    sft = config["passes"]["sft"]
+    assert sft["type"] == "QLoRA"
+    assert (sft["quant_type"], sft["double_quant"], sft["compute_dtype"]) == ("fp4", True, "bfloat16")
+    assert sft["eval_data_config"] == "eval_data"
+    parts = [d["load_dataset_config"]["params"]["part"] for d in config["data_configs"]]
+    assert parts == ["train", "eval"]
+    assert sft["training_args"]["eval_on_start"] is True
+
+
+def test_portable_render_uses_hub_ids(tmp_path):
+    r = _recipe(tmp_path, "  dataset: org/ds\n")
+    config = render_portable(r)
+    assert config["input_model"]["model_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert config["data_configs"][0]["load_dataset_config"]["params"]["source"] == {
+        "dataset": "org/ds", "file": "d.jsonl", "split": "train"}
+
+
+def test_olive_rejects_a_bad_pass_parameter(tmp_path):
+    config = render_portable(_recipe(tmp_path))
+    config["passes"]["sft"]["r"] = "sixteen"
+    with pytest.raises(RunError, match=r"^Olive rejected pass 'sft' \(LoRA\): r: Input should be a valid integer"):
+        validate_with_olive(config)
+
+
+def test_package_config_keeps_olive_passes():
+    passes = package_config()["passes"]
+    assert {"LoRA", "QLoRA", "ModelBuilder", "ExtractAdapters"} <= set(passes)
