@@ -16,6 +16,7 @@ SHARED_DATA = Path(os.environ.get("SLMOPS_DATA_DIR") or REPO.parent / "shared" /
 
 # Tests never touch the network: same switches as every slmops command.
 go_offline(allow_hub=False)
+os.environ["SLMOPS_DATA_DIR"] = str(SHARED_DATA)  # tests that need another value use monkeypatch
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -28,11 +29,6 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "h4rmony_alpaca.jsonl").is_file():
         pytest.fail(f"real data not found in {SHARED_DATA}; set SLMOPS_DATA_DIR to the shared data folder")
     return SHARED_DATA
-
-
-@pytest.fixture(autouse=True)
-def _data_dir_env(monkeypatch):
-    monkeypatch.setenv("SLMOPS_DATA_DIR", str(SHARED_DATA))
 
 
 def build_tiny_model(folder: Path, texts: list[str], seed: int = 0) -> Path:

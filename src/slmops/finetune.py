@@ -10,10 +10,12 @@ Output folder (written to a temporary sibling, renamed into place when complete)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -105,7 +107,8 @@ def _train(p: Plan, config: dict, tmp: Path, result: FinetuneResult) -> None:
     import slmops.olive_data  # noqa: F401 - registers slmops' data components with Olive
 
     start = time.monotonic()
-    workflow = olive_run(copy.deepcopy(config), package_config=package_config())  # Olive mutates it
+    with _library_output_to_stderr():
+        workflow = olive_run(copy.deepcopy(config), package_config=package_config())  # Olive mutates it
     result.seconds = round(time.monotonic() - start, 1)
     adapter = _find_adapter(workflow, Path(config["output_dir"]))
     shutil.copytree(adapter, tmp / "adapter")
@@ -116,6 +119,20 @@ def _train(p: Plan, config: dict, tmp: Path, result: FinetuneResult) -> None:
         for entry in result.log:
             fh.write(json.dumps(entry) + "\n")
     shutil.rmtree(tmp / "work", ignore_errors=True)  # Olive's cache, its copy of the model, checkpoints
+
+
+@contextlib.contextmanager
+def _library_output_to_stderr():
+    """Olive logs and the trainer's loss dicts go to stderr: stdout is for results (--json)."""
+    olive_handlers = [h for h in logging.getLogger("olive").handlers if getattr(h, "stream", None) is sys.stdout]
+    for handler in olive_handlers:
+        handler.setStream(sys.stderr)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        for handler in olive_handlers:
+            handler.setStream(sys.stdout)
 
 
 def _find_adapter(workflow, olive_output: Path) -> Path:

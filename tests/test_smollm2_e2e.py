@@ -1,0 +1,52 @@
+"""The one real end-to-end path: the shipped SFT recipe on the embedded SmolLM2-135M-Instruct."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from slmops.cli import cli
+
+pytestmark = pytest.mark.slow
+
+PROMPT = [{"role": "user", "content": "Suggest a weekend activity for a family."}]
+
+
+@pytest.fixture(scope="module")
+def smollm2_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2") / "sft"
+    result = CliRunner().invoke(cli, [
+        "finetune", "--recipe", "smollm2-135m-sft-h4rmony", "-o", str(out), "--json",
+        "--set", "training.max_steps=20", "--set", "data.eval_split=0.05",
+    ])
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout)
+
+
+def test_loss_falls(smollm2_run):
+    _, result = smollm2_run
+    assert result["steps"] == 20
+    assert result["eval_loss"] < result["eval_loss_start"] - 0.05, result
+    assert result["final_loss"] < result["first_loss"], result
+
+
+def test_adapter_loads_in_peft_and_changes_output(smollm2_run):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slmops.models import resolve_model
+
+    out, _ = smollm2_run
+    base_path = resolve_model("smollm2-135m-instruct").path
+    tok = AutoTokenizer.from_pretrained(base_path)
+    model = AutoModelForCausalLM.from_pretrained(base_path)
+    ids = tok.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        base_out = model.generate(ids, max_new_tokens=24, do_sample=False)
+        tuned = PeftModel.from_pretrained(model, out / "adapter")
+        tuned_out = tuned.generate(input_ids=ids, max_new_tokens=24, do_sample=False)
+    assert not torch.equal(base_out, tuned_out)
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert not list(out.rglob("model.safetensors"))  # no copy of the base model
