@@ -32,7 +32,7 @@ def shared_data() -> Path:
 
 
 def build_tiny_model(folder: Path, texts: list[str], seed: int = 0) -> Path:
-    """A 2-layer Llama (hidden 32) and a 400-token byte-level BPE trained on `texts`."""
+    """A 2-layer Llama (hidden 64, the least bitsandbytes 4-bit takes on CPU) and a 400-token byte-level BPE trained on `texts`."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -51,7 +51,7 @@ def build_tiny_model(folder: Path, texts: list[str], seed: int = 0) -> Path:
     tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )

@@ -100,7 +100,7 @@ def test_dry_run_prints_plan_and_json(tmp_path, tiny_model):
                     "-o", str(tmp_path / "out"), "--dry-run", "--json")
     assert code == 0, out
     result = json.loads(out)
-    assert (result["dry_run"], result["n_train"], result["n_eval"]) == (True, 462, 51)
+    assert (result["dry_run"], result["counts"]) == (True, {"sft": [462, 51]})
     config = json.loads((tmp_path / "out" / "olive_config.json").read_text())
     assert config["passes"]["sft"]["r"] == 16
 
@@ -111,9 +111,10 @@ def test_finetune_summary(tmp_path, tiny_model):
                     "--set", "data.eval_split=null", "--set", "training.dtype=float32")
     assert code == 0, out
     lines = out.splitlines()
-    assert lines[0] == f"Fine-tuned {tiny_model} with lora (r=16, q_proj, k_proj, v_proj, o_proj) - recipe smollm2-135m-sft-h4rmony"
-    assert "  examples      8 train, 0 eval" in lines
-    assert "  steps         2" in lines
+    assert lines[0] == (f"Fine-tuned {tiny_model} with lora (r=16, q_proj, k_proj, v_proj, o_proj), stages sft"
+                        " - recipe smollm2-135m-sft-h4rmony")
+    assert "  sft           8 train, 0 eval examples" in lines
+    assert "    steps       2" in lines
     assert f"  adapter       {tmp_path / 'out' / 'adapter'}" in lines
 
 
@@ -129,4 +130,4 @@ def test_finetune_json_stdout_is_clean(tmp_path, tiny_model):
                     "--set", "training.dtype=float32", "--json")
     assert code == 0, out
     result = json.loads(out)
-    assert result["steps"] == 2 and result["adapter_dir"] == str(tmp_path / "out" / "adapter")
+    assert result["stages"]["sft"]["steps"] == 2 and result["adapter_dir"] == str(tmp_path / "out" / "adapter")

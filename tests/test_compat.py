@@ -32,3 +32,13 @@ def test_silenced_olive_telemetry_sends_nothing(monkeypatch):
     telemetry.disable_telemetry()
     assert calls == []
     assert telemetry._logger is None
+
+
+def test_olive_still_drops_warmup_ratio_under_transformers_5():
+    """Fails when Olive maps warmup_ratio again: then olive_config can render warmup_ratio instead of
+    passing the ratio as warmup_steps."""
+    from olive.passes.pytorch.lora import HFTrainingArguments
+
+    args = HFTrainingArguments(output_dir="unused", warmup_ratio=0.5).create_training_args()
+    assert args.warmup_steps == 0
+    assert HFTrainingArguments(output_dir="unused", extra_args={"warmup_steps": 0.5}).create_training_args().warmup_steps == 0.5

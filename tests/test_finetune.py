@@ -53,11 +53,12 @@ def test_finetune_through_olive(tmp_path, tiny_model, no_network):
     log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log if "loss" in e] == [1, 2, 3]
     assert [e["step"] for e in log if "eval_loss" in e] == [0, 3]
-    assert result.steps == 3 and result.eval_loss_start is not None and result.eval_loss is not None
+    sft = result.stages["sft"]
+    assert sft.steps == 3 and sft.eval_loss_start is not None and sft.eval_loss is not None
     config = json.loads((out / "olive_config.json").read_text())
     assert config["passes"]["sft"]["type"] == "LoRA"
     assert config["input_model"]["model_path"] == str(tiny_model.resolve())
-    assert json.loads((out / "run.json").read_text())["data"]["train"]["sha256"]
+    assert json.loads((out / "run.json").read_text())["data"]["sft"]["sha256"]
     assert any(w.abs().sum() > 0 for w in _lora_b_weights(out / "adapter").values())  # B starts at zero
     assert not list(tmp_path.glob(f"{PARTIAL_PREFIX}*"))
     assert no_network == []
@@ -83,8 +84,8 @@ def test_data_smaller_than_one_sequence_still_trains(tmp_path, tiny_model):
     recipe = tiny_recipe(tmp_path, tiny_model, data=str(data))
     recipe.data.max_seq_len = 512
     result = finetune(recipe, tmp_path / "out")
-    assert result.n_train == 1
-    assert result.steps == 3
+    assert result.counts["sft"] == (1, 0)
+    assert result.stages["sft"].steps == 3
 
 
 def test_changed_data_never_returns_a_stale_adapter(tmp_path, tiny_model):
@@ -95,7 +96,7 @@ def test_changed_data_never_returns_a_stale_adapter(tmp_path, tiny_model):
     finetune(tiny_recipe(tmp_path, tiny_model, data=str(data)), tmp_path / "b")
     a, b = _lora_b_weights(tmp_path / "a" / "adapter"), _lora_b_weights(tmp_path / "b" / "adapter")
     assert any((a[k] - b[k]).abs().max() > 0 for k in a)
-    runs = [json.loads((tmp_path / n / "run.json").read_text())["data"]["train"]["sha256"] for n in "ab"]
+    runs = [json.loads((tmp_path / n / "run.json").read_text())["data"]["sft"]["sha256"] for n in "ab"]
     assert runs[0] != runs[1]
 
 
@@ -130,7 +131,7 @@ def test_qlora_through_olive(tmp_path, tiny_model):
     recipe.method = "qlora"
     result = finetune(recipe, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "olive_config.json").read_text())["passes"]["sft"]["type"] == "QLoRA"
-    assert result.steps == 3
+    assert result.stages["sft"].steps == 3
 
 
 def test_qlora_without_bitsandbytes_says_what_to_do(tmp_path, tiny_model, monkeypatch):

@@ -7,6 +7,7 @@ from conftest import REPO, write_recipe
 from slmops.data import DataSource
 from slmops.errors import RunError
 from slmops.olive_config import (
+    Sources,
     drifted_configs,
     golden_text,
     package_config,
@@ -50,7 +51,7 @@ def _recipe(tmp_path, extra=""):
 def test_render_lora_pass(tmp_path):
     r = _recipe(tmp_path, "lora:\n  r: 8\n  alpha: 16\n  target_modules: [q_proj]\ntraining:\n  max_steps: 7\n")
     src = DataSource(path="/data/d.jsonl", sha256="ab" * 32)
-    config = render_finetune(r, "/models/m", src, work_dir="/w")
+    config = render_finetune(r, "/models/m", Sources(sft=src), work_dir="/w")
     sft = config["passes"]["sft"]
     assert sft["type"] == "LoRA"
     assert (sft["r"], sft["alpha"], sft["target_modules"]) == (8, 16, ["q_proj"])
@@ -68,24 +69,24 @@ def test_render_lora_pass(tmp_path):
 def test_render_is_pure(tmp_path):
     r = _recipe(tmp_path)
     src = DataSource(path="/d.jsonl", sha256="00")
-    first = render_finetune(r, "/m", src)
-    assert render_finetune(r, "/m", src) == first
+    first = render_finetune(r, "/m", Sources(sft=src))
+    assert render_finetune(r, "/m", Sources(sft=src)) == first
     before = copy.deepcopy(r.model_dump())
-    render_finetune(r, "/m", src)
+    render_finetune(r, "/m", Sources(sft=src))
     assert r.model_dump() == before
 
 
 def test_data_hash_is_in_the_config(tmp_path):
     # Olive's cache key comes from the config: a changed file must change it.
     r = _recipe(tmp_path)
-    a = render_finetune(r, "/m", DataSource(path="/d.jsonl", sha256="aa"))
-    b = render_finetune(r, "/m", DataSource(path="/d.jsonl", sha256="bb"))
+    a = render_finetune(r, "/m", Sources(sft=DataSource(path="/d.jsonl", sha256="aa")))
+    b = render_finetune(r, "/m", Sources(sft=DataSource(path="/d.jsonl", sha256="bb")))
     assert a != b
 
 
 def test_render_qlora_and_eval(tmp_path):
     r = _recipe(tmp_path, "  eval_split: 0.2\nmethod: qlora\nqlora:\n  quant_type: fp4\n")
-    config = render_finetune(r, "/m", DataSource(path="/d.jsonl"))
+    config = render_finetune(r, "/m", Sources(sft=DataSource(path="/d.jsonl")))
     sft = config["passes"]["sft"]
     assert sft["type"] == "QLoRA"
     assert (sft["quant_type"], sft["double_quant"], sft["compute_dtype"]) == ("fp4", True, "bfloat16")
@@ -113,3 +114,26 @@ def test_olive_rejects_a_bad_pass_parameter(tmp_path):
 def test_package_config_keeps_olive_passes():
     passes = package_config()["passes"]
     assert {"LoRA", "QLoRA", "ModelBuilder", "ExtractAdapters"} <= set(passes)
+
+
+def test_render_sft_then_dpo_chain(tmp_path):
+    r = _recipe(tmp_path, "dpo:\n  data:\n    file: p.jsonl\n    eval_split: 0.2\n  beta: 0.2\n  max_steps: 5\n")
+    sources = Sources(sft=DataSource(path="/d.jsonl"), dpo=DataSource(path="/p.jsonl", sha256="cc"))
+    config = render_finetune(r, "/m", sources, work_dir="/w")
+    assert [(name, p["type"]) for name, p in config["passes"].items()] == [("sft", "LoRA"), ("dpo", "DPO")]
+    dpo = config["passes"]["dpo"]
+    assert (dpo["beta"], dpo["max_steps"], dpo["r"]) == (0.2, 5, 16)
+    assert (dpo["train_data_config"], dpo["eval_data_config"]) == ("dpo_train_data", "dpo_eval_data")
+    assert dpo["output_dir"] == "/w/dpo-checkpoints"
+    names = [d["name"] for d in config["data_configs"]]
+    assert names == ["train_data", "dpo_train_data", "dpo_eval_data"]
+    assert config["data_configs"][1]["load_dataset_config"]["params"]["source"] == {
+        "path": "/p.jsonl", "sha256": "cc", "split": "train"}
+    validate_with_olive(config)
+
+
+def test_dpo_alone_has_no_sft_pass(tmp_path):
+    r = load_recipe(str(write_recipe(tmp_path / "r.yaml", "dpo:\n  data:\n    file: p.jsonl\n")))
+    config = render_portable(r)
+    assert list(config["passes"]) == ["dpo"]
+    assert config["passes"]["dpo"]["quantize_4bit"] is False

@@ -17,7 +17,8 @@ def test_shipped_recipes_exist():
 def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(str(path))
     assert recipe.name == path.stem
-    assert recipe.data.file or recipe.data.dataset
+    sections = [s for s in (recipe.data, recipe.dpo.data if recipe.dpo else None) if s is not None]
+    assert sections and all(s.file or s.dataset for s in sections)
 
 
 def test_defaults_fill_in(tmp_path):
@@ -89,10 +90,18 @@ def test_eval_split_and_eval_file_conflict(tmp_path):
         load_recipe(str(path))
 
 
-def test_missing_data_section(tmp_path):
+def test_nothing_to_train(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", "method: lora\n")
-    with pytest.raises(RecipeError, match="data: required key is missing"):
+    with pytest.raises(RecipeError, match="nothing to train: add a `data` section .* and/or a `dpo` section"):
         load_recipe(str(path))
+
+
+def test_dpo_section_validation(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", "dpo:\n  data:\n    file: p.jsonl\n  beta: 0\n  loss: sigmoid\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(str(path))
+    assert "dpo.beta: Input should be greater than 0" in str(err.value)
+    assert "dpo.loss: unknown key (known keys: data, beta, loss_type, max_length" in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -25,9 +25,10 @@ def smollm2_run(tmp_path_factory):
 
 def test_loss_falls(smollm2_run):
     _, result = smollm2_run
-    assert result["steps"] == 20
-    assert result["eval_loss"] < result["eval_loss_start"] - 0.05, result
-    assert result["final_loss"] < result["first_loss"], result
+    sft = result["stages"]["sft"]
+    assert sft["steps"] == 20
+    assert sft["eval_loss"] < sft["eval_loss_start"] - 0.05, sft
+    assert sft["final_loss"] < sft["first_loss"], sft
 
 
 def test_adapter_loads_in_peft_and_changes_output(smollm2_run):

@@ -500,15 +500,61 @@ def sft_splits(
     drop_duplicates: bool = True,
     seed: int = 42,
 ) -> tuple[list[dict], list[dict]]:
-    """Read, normalise, dedupe and split: (train examples, eval examples)."""
-    examples = normalise_sft(read_rows(train), train.label, fmt)
+    """Read, normalise, dedupe and split SFT data: (train examples, eval examples)."""
+    return _splits(lambda src: normalise_sft(read_rows(src), src.label, fmt), train, eval_source, eval_split,
+                   max_samples, drop_duplicates, seed)
+
+
+def preference_splits(
+    train: DataSource,
+    *,
+    eval_source: Optional[DataSource] = None,
+    eval_split: Optional[float] = None,
+    max_samples: Optional[int] = None,
+    drop_duplicates: bool = True,
+    seed: int = 42,
+) -> tuple[list[dict], list[dict]]:
+    """Read, normalise, dedupe and split preference data: (train pairs, eval pairs)."""
+    return _splits(lambda src: normalise_preference(read_rows(src), src.label), train, eval_source, eval_split,
+                   max_samples, drop_duplicates, seed)
+
+
+def _splits(read, train, eval_source, eval_split, max_samples, drop_duplicates, seed):
+    examples = read(train)
     if drop_duplicates:
         examples = dedupe(examples)
     held: list[dict] = []
     if eval_split:
         examples, held = split_eval(examples, eval_split, seed)
     elif eval_source:
-        held = normalise_sft(read_rows(eval_source), eval_source.label, fmt)
+        held = read(eval_source)
     if max_samples:
         examples = examples[:max_samples]
     return examples, held
+
+
+def fit_prompt(example: dict, tokenizer, max_length: int) -> dict:
+    """Shorten a preference prompt so that prompt + answer fit in max_length tokens.
+
+    TRL truncates the end of the whole sequence, which would cut the answers (the only part
+    trained on) out of long conversations. Here the answers keep up to half the budget and the
+    prompt gives up its oldest turns first, then the start of its first remaining turn.
+    """
+    def n_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    answer = min(max(n_tokens(example["chosen"]), n_tokens(example["rejected"])) + 2, max_length // 2)
+    budget = max_length - answer
+    messages = list(example["prompt"])
+
+    def prompt_tokens(msgs: list[dict]) -> int:
+        return len(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"]) if getattr(tokenizer, "chat_template", None) else n_tokens(" ".join(m["content"] for m in msgs))
+
+    while len(messages) > 1 and prompt_tokens(messages) > budget:
+        messages.pop(0)
+    excess = prompt_tokens(messages) - budget
+    if excess > 0:
+        ids = tokenizer(messages[0]["content"], add_special_tokens=False)["input_ids"]
+        messages[0] = {**messages[0], "content": tokenizer.decode(ids[min(excess, len(ids) - 1):])}
+    return {**example, "prompt": messages}

@@ -17,7 +17,7 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +25,7 @@ from slmops import data as data_mod
 from slmops.atomic import atomic_dir
 from slmops.errors import RunError
 from slmops.models import ResolvedModel, resolve_model
-from slmops.olive_config import package_config, render_finetune, validate_with_olive
+from slmops.olive_config import SFT_PASS, Sources, package_config, render_finetune, validate_with_olive
 from slmops.recipe import Recipe, recipe_to_yaml
 
 logger = logging.getLogger(__name__)
@@ -37,10 +37,23 @@ class Plan:
 
     recipe: Recipe
     model: ResolvedModel
-    train: data_mod.DataSource
-    eval_source: Optional[data_mod.DataSource]
-    n_train: int
-    n_eval: int
+    sources: Sources
+    counts: dict[str, tuple[int, int]]  # stage -> (train examples, eval examples)
+
+
+@dataclass
+class StageResult:
+    """What one training stage (sft or dpo) did, read from its trainer log."""
+
+    steps: int = 0
+    first_loss: Optional[float] = None  # mean of the first few logged steps (one step is noisy)
+    final_loss: Optional[float] = None  # mean of the last few logged steps
+    loss_window: int = 0
+    eval_loss_start: Optional[float] = None  # before any training (eval_on_start)
+    eval_loss: Optional[float] = None
+    train_metrics: dict = field(default_factory=dict)  # means over the last window (DPO rewards, ...)
+    eval_metrics: dict = field(default_factory=dict)  # the last evaluation
+    eval_metrics_start: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -48,14 +61,8 @@ class FinetuneResult:
     output_dir: str
     adapter_dir: Optional[str]
     dry_run: bool
-    n_train: int
-    n_eval: int
-    steps: int = 0
-    first_loss: Optional[float] = None  # mean of the first few logged steps (one step is noisy)
-    final_loss: Optional[float] = None  # mean of the last few logged steps
-    loss_window: int = 0
-    eval_loss_start: Optional[float] = None  # before any training (eval_on_start)
-    eval_loss: Optional[float] = None
+    counts: dict[str, tuple[int, int]]
+    stages: dict[str, StageResult] = field(default_factory=dict)
     seconds: float = 0.0
     log: list[dict] = field(default_factory=list)
 
@@ -64,15 +71,25 @@ def plan(recipe: Recipe) -> Plan:
     """Resolve the model and data and validate every row, so bad input fails before training."""
     if recipe.method == "qlora":
         check_qlora()
-    d = recipe.data
-    train = data_mod.locate(d.file, d.dataset, d.split)
-    eval_source = data_mod.locate(d.eval_file, d.dataset, d.split) if d.eval_file else None
-    examples, held = data_mod.sft_splits(
-        train, d.format, eval_source=eval_source, eval_split=d.eval_split,
-        max_samples=d.max_samples, drop_duplicates=d.dedupe, seed=recipe.training.seed,
-    )
+    sources, counts = Sources(), {}
+    if recipe.data:
+        d = recipe.data
+        sources = replace(sources, sft=data_mod.locate(d.file, d.dataset, d.split),
+                          sft_eval=data_mod.locate(d.eval_file, d.dataset, d.split) if d.eval_file else None)
+        train, held = data_mod.sft_splits(
+            sources.sft, d.format, eval_source=sources.sft_eval, eval_split=d.eval_split,
+            max_samples=d.max_samples, drop_duplicates=d.dedupe, seed=recipe.training.seed)
+        counts["sft"] = (len(train), len(held))
+    if recipe.dpo:
+        p = recipe.dpo.data
+        sources = replace(sources, dpo=data_mod.locate(p.file, p.dataset, p.split),
+                          dpo_eval=data_mod.locate(p.eval_file, p.dataset, p.split) if p.eval_file else None)
+        train, held = data_mod.preference_splits(
+            sources.dpo, eval_source=sources.dpo_eval, eval_split=p.eval_split,
+            max_samples=p.max_samples, drop_duplicates=p.dedupe, seed=recipe.training.seed)
+        counts["dpo"] = (len(train), len(held))
     model = resolve_model(recipe.model.name)
-    return Plan(recipe, model, train, eval_source, len(examples), len(held))
+    return Plan(recipe, model, sources, counts)
 
 
 def check_qlora() -> None:
@@ -90,11 +107,11 @@ def finetune(recipe: Recipe, output_dir: Path, dry_run: bool = False) -> Finetun
     p = plan(recipe)
     with atomic_dir(output_dir) as tmp:
         work = tmp / "work"
-        config = render_finetune(recipe, str(p.model.path), p.train, p.eval_source, work_dir=str(work))
+        config = render_finetune(recipe, str(p.model.path), p.sources, work_dir=str(work))
         validate_with_olive(config)
         (tmp / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         (tmp / "olive_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        result = FinetuneResult(str(output_dir), None, dry_run, p.n_train, p.n_eval)
+        result = FinetuneResult(str(output_dir), None, dry_run, p.counts)
         if not dry_run:
             _train(p, config, tmp, result)
         (tmp / "run.json").write_text(json.dumps(_run_record(p, result), indent=2) + "\n")
@@ -113,12 +130,19 @@ def _train(p: Plan, config: dict, tmp: Path, result: FinetuneResult) -> None:
     adapter = _find_adapter(workflow, Path(config["output_dir"]))
     shutil.copytree(adapter, tmp / "adapter")
     result.adapter_dir = str(Path(result.output_dir) / "adapter")
-    result.log = _loss_log(Path(config["passes"]["sft"]["training_args"]["output_dir"]))
-    _summarise(result)
+    for stage in p.recipe.stages:
+        log = [dict(entry, stage=stage) for entry in _loss_log(_checkpoints(config, stage))]
+        result.log += log
+        result.stages[stage] = summarise(log)
     with open(tmp / "training_log.jsonl", "w") as fh:
         for entry in result.log:
             fh.write(json.dumps(entry) + "\n")
     shutil.rmtree(tmp / "work", ignore_errors=True)  # Olive's cache, its copy of the model, checkpoints
+
+
+def _checkpoints(config: dict, stage: str) -> Path:
+    pass_config = config["passes"][stage]
+    return Path(pass_config["training_args"]["output_dir"] if stage == SFT_PASS else pass_config["output_dir"])
 
 
 @contextlib.contextmanager
@@ -156,19 +180,36 @@ def _loss_log(checkpoints: Path) -> list[dict]:
     return [entry for entry in history if "loss" in entry or "eval_loss" in entry]
 
 
-def _summarise(result: FinetuneResult) -> None:
-    train = [e["loss"] for e in result.log if "loss" in e]
-    evals = [e for e in result.log if "eval_loss" in e]
+def summarise(log: list[dict]) -> StageResult:
+    """Losses and metrics of one stage from its trainer log (train entries have 'loss')."""
+    result = StageResult()
+    train = [e for e in log if "loss" in e]
+    evals = [e for e in log if "eval_loss" in e]
     if train:
         window = max(1, min(5, len(train) // 4))
         result.loss_window = window
-        result.first_loss = round(sum(train[:window]) / window, 4)
-        result.final_loss = round(sum(train[-window:]) / window, 4)
-        result.steps = int([e for e in result.log if "loss" in e][-1].get("step", len(train)))
+        result.first_loss = _mean(e["loss"] for e in train[:window])
+        result.final_loss = _mean(e["loss"] for e in train[-window:])
+        result.steps = int(train[-1].get("step", len(train)))
+        keys = [k for k in train[-1] if k.startswith(("rewards/", "logps/")) or k == "loss"]
+        result.train_metrics = {k: _mean(e[k] for e in train[-window:] if k in e) for k in keys}
     if evals:
         result.eval_loss = round(evals[-1]["eval_loss"], 4)
+        result.eval_metrics = _eval_metrics(evals[-1])
         if len(evals) > 1 and evals[0].get("step", 0) == 0:
             result.eval_loss_start = round(evals[0]["eval_loss"], 4)
+            result.eval_metrics_start = _eval_metrics(evals[0])
+    return result
+
+
+def _eval_metrics(entry: dict) -> dict:
+    return {k[len("eval_"):]: round(v, 4) for k, v in entry.items()
+            if k.startswith("eval_") and isinstance(v, (int, float)) and "runtime" not in k and "per_second" not in k}
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return round(sum(values) / len(values), 4) if values else float("nan")
 
 
 def _run_record(p: Plan, result: FinetuneResult) -> dict:
@@ -185,7 +226,7 @@ def _run_record(p: Plan, result: FinetuneResult) -> dict:
         recipe=p.recipe.name,
         method=p.recipe.method,
         model={"name": p.model.name, "source": p.model.source, "hub_id": p.model.hub_id, "path": str(p.model.path)},
-        data={"train": asdict(p.train), "eval": asdict(p.eval_source) if p.eval_source else None},
+        data={k: v for k, v in asdict(p.sources).items() if v},
         versions=versions,
     )
     return record

@@ -4,36 +4,58 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from slmops.data import DataSource
 from slmops.recipe import Recipe
 
-SFT_PASS = "sft"
+SFT_PASS, DPO_PASS = "sft", "dpo"
 _OLIVE_PASS = {"lora": "LoRA", "qlora": "QLoRA"}
 
 
-def portable_sources(recipe: Recipe) -> tuple[DataSource, Optional[DataSource]]:
+@dataclass(frozen=True)
+class Sources:
+    """Where each stage's data comes from (None where the recipe has no such data)."""
+
+    sft: Optional[DataSource] = None
+    sft_eval: Optional[DataSource] = None
+    dpo: Optional[DataSource] = None
+    dpo_eval: Optional[DataSource] = None
+
+
+def portable_sources(recipe: Recipe) -> Sources:
     """The data as the recipe names it (hub id + file name), located only when the workflow runs."""
-    d = recipe.data
-    train = DataSource(dataset=d.dataset, file=d.file, split=d.split)
-    held = DataSource(dataset=d.dataset, file=d.eval_file, split=d.split) if d.eval_file else None
-    return train, held
+    def named(section, file):
+        return DataSource(dataset=section.dataset, file=file, split=section.split)
+
+    d, p = recipe.data, recipe.dpo.data if recipe.dpo else None
+    return Sources(
+        sft=named(d, d.file) if d else None,
+        sft_eval=named(d, d.eval_file) if d and d.eval_file else None,
+        dpo=named(p, p.file) if p else None,
+        dpo_eval=named(p, p.eval_file) if p and p.eval_file else None,
+    )
 
 
-def render_finetune(
-    recipe: Recipe,
-    model_path: str,
-    train: DataSource,
-    eval_source: Optional[DataSource] = None,
-    work_dir: str = ".",
-) -> dict:
-    """The Olive workflow that fine-tunes `model_path` as the recipe says. Pure: same inputs, same dict."""
-    data_configs = [_sft_data_config("train_data", "train", recipe, model_path, train, eval_source)]
-    has_eval = bool(recipe.data.eval_split or eval_source)
-    if has_eval:
-        data_configs.append(_sft_data_config("eval_data", "eval", recipe, model_path, train, eval_source))
+def render_finetune(recipe: Recipe, model_path: str, sources: Sources, work_dir: str = ".") -> dict:
+    """The Olive workflow that trains `model_path` as the recipe says. Pure: same inputs, same dict.
+
+    SFT (Olive's LoRA / QLoRA pass) and DPO (slmops' pass) are entries of one workflow; with
+    both, DPO starts from the SFT adapter.
+    """
+    data_configs, passes = [], {}
+    if recipe.data:
+        has_eval = bool(recipe.data.eval_split or sources.sft_eval)
+        data_configs += [_sft_data_config(n, part, recipe, model_path, sources)
+                         for n, part in (("train_data", "train"), ("eval_data", "eval"))[: 1 + has_eval]]
+        passes[SFT_PASS] = _sft_pass(recipe, has_eval, work_dir)
+    if recipe.dpo:
+        has_eval = bool(recipe.dpo.data.eval_split or sources.dpo_eval)
+        data_configs += [_preference_data_config(n, part, recipe, sources)
+                         for n, part in (("dpo_train_data", "train"), ("dpo_eval_data", "eval"))[: 1 + has_eval]]
+        passes[DPO_PASS] = _dpo_pass(recipe, has_eval, work_dir)
     return {
         "input_model": {
             "type": "HfModel",
@@ -43,7 +65,7 @@ def render_finetune(
         },
         "systems": {"local_system": {"type": "LocalSystem"}},
         "data_configs": data_configs,
-        "passes": {SFT_PASS: _sft_pass(recipe, has_eval, work_dir)},
+        "passes": passes,
         "host": "local_system",
         "target": "local_system",
         "evaluate_input_model": False,
@@ -53,9 +75,7 @@ def render_finetune(
     }
 
 
-def _sft_data_config(
-    name: str, part: str, recipe: Recipe, model_path: str, train: DataSource, eval_source: Optional[DataSource]
-) -> dict:
+def _sft_data_config(name: str, part: str, recipe: Recipe, model_path: str, sources: Sources) -> dict:
     d = recipe.data
     return {
         "name": name,
@@ -63,10 +83,10 @@ def _sft_data_config(
         "load_dataset_config": {
             "type": "slmops_sft_dataset",
             "params": {
-                "source": _source_dict(train),
+                "source": _source_dict(sources.sft),
                 "format": d.format,
                 "part": part,
-                "eval_source": _source_dict(eval_source) if eval_source else None,
+                "eval_source": _source_dict(sources.sft_eval) if sources.sft_eval else None,
                 "eval_split": d.eval_split,
                 "max_samples": d.max_samples,
                 "dedupe": d.dedupe,
@@ -83,6 +103,60 @@ def _sft_data_config(
             },
         },
     }
+
+
+def _preference_data_config(name: str, part: str, recipe: Recipe, sources: Sources) -> dict:
+    p = recipe.dpo.data
+    return {
+        "name": name,
+        "type": "DataContainer",
+        "load_dataset_config": {
+            "type": "slmops_preference_dataset",
+            "params": {
+                "source": _source_dict(sources.dpo),
+                "part": part,
+                "eval_source": _source_dict(sources.dpo_eval) if sources.dpo_eval else None,
+                "eval_split": p.eval_split,
+                "max_samples": p.max_samples,
+                "dedupe": p.dedupe,
+                "seed": recipe.training.seed,
+            },
+        },
+    }
+
+
+def _dpo_pass(recipe: Recipe, has_eval: bool, work_dir: str) -> dict:
+    dpo, lora = recipe.dpo, recipe.lora
+    config = {
+        "type": "DPO",
+        "train_data_config": "dpo_train_data",
+        "beta": dpo.beta,
+        "loss_type": list(dpo.loss_type),
+        "max_length": dpo.max_length,
+        "learning_rate": dpo.learning_rate,
+        "lr_scheduler_type": dpo.lr_scheduler,
+        "warmup_ratio": dpo.warmup_ratio,  # the pass hands it to TRL as warmup_steps (a ratio when < 1)
+        "max_steps": dpo.max_steps,
+        "num_train_epochs": dpo.epochs,
+        "per_device_train_batch_size": dpo.batch_size,
+        "gradient_accumulation_steps": dpo.gradient_accumulation_steps,
+        "r": lora.r,
+        "alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": list(lora.target_modules),
+        "torch_dtype": dpo.dtype,
+        "quantize_4bit": recipe.method == "qlora",
+        "precompute_ref_log_probs": dpo.precompute_ref_log_probs,
+        "gradient_checkpointing": dpo.gradient_checkpointing,
+        "logging_steps": recipe.training.logging_steps,
+        "save_steps": dpo.save_steps,
+        "output_dir": f"{work_dir}/dpo-checkpoints",
+        "seed": recipe.training.seed,
+        "extra_args": dict(dpo.extra),
+    }
+    if has_eval:
+        config["eval_data_config"] = "dpo_eval_data"
+    return config
 
 
 def _source_dict(source: DataSource) -> dict:
@@ -123,7 +197,8 @@ def _training_args(recipe: Recipe, has_eval: bool, work_dir: str) -> dict:
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "learning_rate": t.learning_rate,
         "lr_scheduler_type": t.lr_scheduler,
-        "warmup_ratio": t.warmup_ratio,
+        # transformers 5 has no warmup_ratio (Olive drops it silently); a float < 1 here is a ratio.
+        "warmup_steps": t.warmup_ratio,
         "weight_decay": t.weight_decay,
         "max_grad_norm": t.max_grad_norm,
         "max_steps": t.max_steps,
@@ -156,7 +231,16 @@ def package_config() -> dict:
 
 
 # slmops' own Olive passes (module path and capabilities, in Olive's registry format).
-SLMOPS_PASSES: dict[str, dict] = {}
+SLMOPS_PASSES: dict[str, dict] = {
+    "DPO": {
+        "module_path": "slmops.passes.dpo.DPO",
+        "supported_providers": ["*"],
+        "supported_accelerators": ["*"],
+        "supported_precisions": ["*"],
+        "supported_algorithms": [],
+        "supported_quantization_encodings": [],
+    },
+}
 
 
 def validate_with_olive(config: dict) -> None:
@@ -210,8 +294,7 @@ def render_portable(recipe: Recipe) -> dict:
     """The config a user with the hub could run anywhere: hub ids, no local paths or hashes."""
     from slmops.models import portable_name
 
-    train, held = portable_sources(recipe)
-    return render_finetune(recipe, portable_name(recipe.model.name), train, held)
+    return render_finetune(recipe, portable_name(recipe.model.name), portable_sources(recipe))
 
 
 def golden_text(recipe_path: Path) -> str:

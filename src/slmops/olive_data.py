@@ -16,6 +16,7 @@ from slmops import data
 
 SFT_LOAD = "slmops_sft_dataset"
 SFT_TOKENIZE = "slmops_sft_tokenize"
+PREFERENCE_LOAD = "slmops_preference_dataset"
 
 
 @Registry.register_dataset(SFT_LOAD)
@@ -51,3 +52,25 @@ def slmops_sft_tokenize(
 
     tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=trust_remote_code)
     return data.tokenize_sft(dataset, tokenizer, max_seq_len, chat_template)
+
+
+@Registry.register_dataset(PREFERENCE_LOAD)
+def slmops_preference_dataset(
+    source: dict,
+    part: str = "train",
+    eval_source: Optional[dict] = None,
+    eval_split: Optional[float] = None,
+    max_samples: Optional[int] = None,
+    dedupe: bool = True,
+    seed: int = 42,
+):
+    """Normalised preference pairs {prompt, chosen, rejected} of one part ("train" or "eval")."""
+    train, held = data.preference_splits(
+        data.source_from_dict(source),
+        eval_source=data.source_from_dict(eval_source) if eval_source else None,
+        eval_split=eval_split,
+        max_samples=max_samples,
+        drop_duplicates=dedupe,
+        seed=seed,
+    )
+    return train if part == "train" else held

@@ -36,8 +36,8 @@ def recipe_needs_hub(recipe: Recipe) -> bool:
     """The hub is used only when the user named something that exists nowhere but on the hub."""
     if needs_hub(recipe.model.name):
         return True
-    d = recipe.data
-    return bool(d.dataset) and not (d.file and _local_data(d.file))
+    sections = [recipe.data, recipe.dpo.data if recipe.dpo else None]
+    return any(s is not None and s.dataset and not (s.file and _local_data(s.file)) for s in sections)
 
 
 def _local_data(file: str) -> bool:

@@ -59,6 +59,43 @@ class DataSection(Section):
         return self
 
 
+class PreferenceDataSection(Section):
+    dataset: Optional[str] = Field(None, description="Hub dataset id of the preference pairs (portable name).")
+    file: Optional[str] = Field(None, description="Preference file: a path, or a name in $SLMOPS_DATA_DIR.")
+    split: str = Field("train", description="Split to read from a hub dataset.")
+    eval_split: Optional[float] = Field(None, gt=0, lt=1, description="Fraction of pairs held out (seeded).")
+    eval_file: Optional[str] = Field(None, description="A separate file of held-out pairs.")
+    max_samples: Optional[int] = Field(None, ge=1, description="Use at most this many training pairs.")
+    dedupe: bool = Field(True, description="Drop exact duplicate pairs.")
+
+    @model_validator(mode="after")
+    def _check_source(self):
+        if not self.dataset and not self.file:
+            raise ValueError("needs `file` (a preference file) or `dataset` (a hub dataset id)")
+        if self.eval_split and self.eval_file:
+            raise ValueError("set either eval_split or eval_file, not both")
+        return self
+
+
+class DpoSection(Section):
+    data: PreferenceDataSection
+    beta: float = Field(0.1, gt=0, description="KL strength: how far the policy may move from the reference.")
+    loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"], min_length=1, description="TRL DPO loss type(s).")
+    max_length: int = Field(512, ge=16, description="Tokens per prompt + answer; prompts lose their oldest turns first.")
+    learning_rate: float = Field(5e-5, gt=0, lt=1, description="Peak learning rate.")
+    lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1 trains for `epochs` instead.")
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(2, ge=1, le=4096, description="Pairs per device per step.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    dtype: Dtype = Field("bfloat16", description="Autocast dtype over fp32 weights (float32 = no autocast).")
+    precompute_ref_log_probs: bool = Field(False, description="Compute reference log-probs once, before training.")
+    gradient_checkpointing: bool = False
+    save_steps: Optional[int] = Field(None, ge=1, description="Checkpoint every N steps (default: at the end).")
+    extra: dict[str, Any] = Field(default_factory=dict, description="Extra TRL DPOConfig keys, passed through.")
+
+
 class LoraSection(Section):
     r: int = Field(16, ge=1, le=4096, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / r).")
@@ -96,10 +133,21 @@ class Recipe(Section):
     description: Optional[str] = None
     method: Literal["lora", "qlora"] = Field("lora", description="lora, or qlora (4-bit base, needs bitsandbytes).")
     model: ModelSection = Field(default_factory=ModelSection)
-    data: DataSection
+    data: Optional[DataSection] = Field(None, description="SFT data; with `dpo` too, SFT runs first.")
     lora: LoraSection = Field(default_factory=LoraSection)
     qlora: QLoraSection = Field(default_factory=QLoraSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
+    dpo: Optional[DpoSection] = Field(None, description="Preference tuning (after SFT when `data` is set).")
+
+    @model_validator(mode="after")
+    def _check_stages(self):
+        if self.data is None and self.dpo is None:
+            raise ValueError("nothing to train: add a `data` section (SFT) and/or a `dpo` section (preference tuning)")
+        return self
+
+    @property
+    def stages(self) -> list[str]:
+        return [name for name, section in (("sft", self.data), ("dpo", self.dpo)) if section is not None]
 
 
 # ---------------------------------------------------------------------------------------------

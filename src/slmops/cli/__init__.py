@@ -36,9 +36,11 @@ def cli(verbose: bool) -> None:
 
 
 def _register() -> None:
+    from slmops.cli import eval as eval_cli
     from slmops.cli import finetune, recipes
 
     cli.add_command(finetune.finetune_command)
+    cli.add_command(eval_cli.eval_command)
     cli.add_command(recipes.recipes_group)
 
 

@@ -47,19 +47,35 @@ def _data_flags(data: str | None) -> dict:
     return {"data.file": data, "data.dataset": UNSET}
 
 
+REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+
+
 def _summary(recipe, result) -> str:
     out = Path(result.output_dir)
-    lines = [f"{'Planned' if result.dry_run else 'Fine-tuned'} {recipe.model.name} with {recipe.method} "
-             f"(r={recipe.lora.r}, {', '.join(recipe.lora.target_modules)}) - recipe {recipe.name}",
-             f"  examples      {result.n_train} train, {result.n_eval} eval"]
+    verb = "Planned" if result.dry_run else "Fine-tuned"
+    lines = [f"{verb} {recipe.model.name} with {recipe.method} (r={recipe.lora.r}, "
+             f"{', '.join(recipe.lora.target_modules)}), stages {' -> '.join(recipe.stages)} - recipe {recipe.name}"]
+    for stage in recipe.stages:
+        n_train, n_eval = result.counts[stage]
+        lines.append(f"  {stage:<13} {n_train} train, {n_eval} eval examples")
+        if stage in result.stages:
+            lines += _stage_lines(result.stages[stage])
     if not result.dry_run:
-        loss = "n/a"
-        if result.final_loss is not None:
-            loss = f"{result.first_loss:.4f} -> {result.final_loss:.4f} (mean of first/last {result.loss_window} steps)"
-        lines += [f"  steps         {result.steps}", f"  train loss    {loss}"]
-        if result.eval_loss is not None:
-            start = f"{result.eval_loss_start:.4f} -> " if result.eval_loss_start is not None else ""
-            lines.append(f"  eval loss     {start}{result.eval_loss:.4f}")
         lines += [f"  time          {result.seconds:.1f} s", f"  adapter       {out / 'adapter'}"]
     lines += [f"  olive config  {out / 'olive_config.json'}", f"  recipe        {out / 'recipe.yaml'}"]
     return "\n".join(lines)
+
+
+def _stage_lines(stage) -> list[str]:
+    lines = [f"    steps       {stage.steps}"]
+    if stage.final_loss is not None:
+        lines.append(f"    train loss  {stage.first_loss:.4f} -> {stage.final_loss:.4f} "
+                     f"(mean of first/last {stage.loss_window} steps)")
+    if stage.eval_loss is not None:
+        start = f"{stage.eval_loss_start:.4f} -> " if stage.eval_loss_start is not None else ""
+        lines.append(f"    eval loss   {start}{stage.eval_loss:.4f}")
+    for label, metrics in (("train", stage.train_metrics), ("eval", stage.eval_metrics)):
+        shown = [f"{key.split('/')[1]} {metrics[key]:+.4f}" for key in REWARDS if key in metrics]
+        if shown:
+            lines.append(f"    {label + ' rewards':<12}{', '.join(shown)}")
+    return lines

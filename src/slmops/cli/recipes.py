@@ -27,8 +27,9 @@ def list_command() -> None:
     """The shipped recipes: name, method, model and data."""
     for path in _shipped():
         r = load_recipe(str(path))
-        data = r.data.file or r.data.dataset
-        click.echo(f"{path.stem:32} {r.method:6} {r.model.name:28} {data}")
+        sections = [r.data, r.dpo.data if r.dpo else None]
+        data = " + ".join(s.file or s.dataset for s in sections if s is not None)
+        click.echo(f"{path.stem:32} {'+'.join(r.stages):8} {r.method:6} {r.model.name:24} {data}")
 
 
 @recipes_group.command("show")

@@ -1,0 +1,1 @@
+"""slmops' own Olive passes, registered through slmops.olive_config.package_config()."""
