@@ -6,7 +6,7 @@ Precedence: schema defaults < recipe file < CLI flags < ``--set key=value`` over
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -259,11 +259,19 @@ def _known_keys_hint(loc: tuple) -> str:
     model: type[BaseModel] = Recipe
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        section = _section_type(getattr(field, "annotation", None))
+        if section is None:
             return "check the spelling"
-        model = annotation
+        model = section
     return "known keys: " + ", ".join(model.model_fields)
+
+
+def _section_type(annotation) -> Optional[type[BaseModel]]:
+    """The pydantic model inside an annotation such as `DpoSection` or `Optional[DpoSection]`."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
