@@ -63,10 +63,13 @@ def test_sft_then_dpo_in_one_workflow(tmp_path, tiny_model):
     config = json.loads((tmp_path / "out" / "olive_config.json").read_text())
     assert [p["type"] for p in config["passes"].values()] == ["LoRA", "DPO"]
     assert result.stages["sft"].steps == 3 and result.stages["dpo"].steps == 2
-    # The reference is the SFT policy: before DPO's first step, policy == reference, so every
-    # implicit reward is zero even though the SFT adapter already moved the model off the base.
-    start = result.stages["dpo"].eval_metrics_start
-    assert start["rewards/chosen"] == 0 and start["rewards/rejected"] == 0
+    # The reference is the SFT policy: DPO's first step is computed before any update, when
+    # policy == reference, so its implicit rewards are zero although the SFT adapter already
+    # moved the model off the base (test_sft_adapter_really_moved_the_model).
+    first = next(e for e in result.log if e["stage"] == "dpo" and "loss" in e)
+    assert first["step"] == 1
+    assert first["rewards/chosen"] == 0 and first["rewards/rejected"] == 0
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
     adapters = list((tmp_path / "out").rglob("adapter_config.json"))
     assert adapters == [tmp_path / "out" / "adapter" / "adapter_config.json"]
     saved = json.loads(adapters[0].read_text())

@@ -75,6 +75,10 @@ class DPO(Pass):
             tokenizer.pad_token = tokenizer.eos_token
         policy, peft_config = self._load_policy(model, config)
         train = self._pairs(config.train_data_config, tokenizer, config.max_length)
+        if config.max_steps > 0:
+            # Only the pairs the steps will see (one epoch): reference log-probs are not spent on the rest.
+            used = config.max_steps * config.per_device_train_batch_size * config.gradient_accumulation_steps
+            train = train.shuffle(seed=config.seed).select(range(min(used, len(train))))
         held = self._pairs(config.eval_data_config, tokenizer, config.max_length) if config.eval_data_config else None
         with tempfile.TemporaryDirectory(prefix="slmops-dpo-") as tmp:
             args = self._dpo_config(config, config.output_dir or tmp, has_eval=held is not None)
@@ -169,7 +173,8 @@ class DPO(Pass):
             "fp16": mixed == "fp16" and on_gpu,
         }
         if has_eval:
-            args.update(eval_strategy="steps", eval_on_start=True,
+            # No step-0 eval: policy == reference there, so every reward is 0 by construction.
+            args.update(eval_strategy="steps",
                         eval_steps=config.save_steps or (config.max_steps if config.max_steps > 0 else 500))
         args.update(config.extra_args or {})
         return DPOConfig(**args)
