@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -94,6 +95,7 @@ def evaluate_preferences(
     max_length: int = 512,
     batch_size: int = 8,
     progress: bool = True,
+    dtype: str = "float32",
 ) -> PreferenceReport:
     """Score every pair under the policy (base + adapter) and the reference (base, or another adapter)."""
     from peft import PeftModel
@@ -107,20 +109,21 @@ def evaluate_preferences(
     model = AutoModelForCausalLM.from_pretrained(model_path)
     model.eval()
     features = _features(pairs, tokenizer, max_length)
+    score = partial(_score, tokenizer=tokenizer, batch_size=batch_size, progress=progress, dtype=dtype)
     reference_label = "base" if reference_adapter is None else str(reference_adapter)
     if adapter is None:
-        scores = _score(model, features, tokenizer, batch_size, progress, "base")
+        scores = score(model, features, label="base")
         metrics = preference_metrics(scores, None, beta)
         return PreferenceReport(len(pairs), beta, str(model_path), None, reference_label, **metrics)
     model = _with_adapters(PeftModel, model, adapter, reference_adapter)
     model.set_adapter("policy")
-    policy = _score(model, features, tokenizer, batch_size, progress, "adapter")
+    policy = score(model, features, label="adapter")
     if reference_adapter is None:
         with model.disable_adapter():
-            reference = _score(model, features, tokenizer, batch_size, progress, "reference (base)")
+            reference = score(model, features, label="reference (base)")
     else:
         model.set_adapter("reference")
-        reference = _score(model, features, tokenizer, batch_size, progress, "reference adapter")
+        reference = score(model, features, label="reference adapter")
     metrics = preference_metrics(policy, reference, beta)
     return PreferenceReport(len(pairs), beta, str(model_path), str(adapter), reference_label, **metrics)
 
@@ -153,10 +156,12 @@ def _features(pairs: list[dict], tokenizer, max_length: int) -> list[dict]:
     return features
 
 
-def _score(model, features: list[dict], tokenizer, batch_size: int, progress: bool, label: str) -> PairScores:
+def _score(model, features: list[dict], *, tokenizer, batch_size: int, progress: bool, label: str,
+           dtype: str = "float32") -> PairScores:
     import torch
     from tqdm import tqdm
 
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     sequences = [f[side] for f in features for side in ("chosen", "rejected")]
     totals, counts = [], []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -167,7 +172,7 @@ def _score(model, features: list[dict], tokenizer, batch_size: int, progress: bo
         ids = torch.tensor([s + [pad] * (width - len(s)) for s, _ in chunk])
         labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in chunk])
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in chunk])
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX

@@ -54,6 +54,8 @@ class StageResult:
     train_metrics: dict = field(default_factory=dict)  # means over the last window (DPO rewards, ...)
     eval_metrics: dict = field(default_factory=dict)  # the last evaluation
     eval_metrics_start: dict = field(default_factory=dict)
+    train_seconds: Optional[float] = None  # the trainer's own train_runtime (no loading or data prep)
+    tokens: Optional[int] = None  # tokens trained on, where the trainer counts them (TRL)
 
 
 @dataclass
@@ -87,7 +89,7 @@ def plan(recipe: Recipe) -> Plan:
         train, held = data_mod.preference_splits(
             sources.dpo, eval_source=sources.dpo_eval, eval_split=p.eval_split,
             max_samples=p.max_samples, drop_duplicates=p.dedupe, seed=recipe.training.seed)
-        counts["dpo"] = (len(train), len(held))
+        counts["dpo"] = (len(train), len(held[: p.eval_max_samples]))
     model = resolve_model(recipe.model.name)
     return Plan(recipe, model, sources, counts)
 
@@ -177,7 +179,7 @@ def _loss_log(checkpoints: Path) -> list[dict]:
     if not states:
         return []
     history = json.loads(states[-1].read_text()).get("log_history", [])
-    return [entry for entry in history if "loss" in entry or "eval_loss" in entry]
+    return [entry for entry in history if {"loss", "eval_loss", "train_runtime"} & set(entry)]
 
 
 def summarise(log: list[dict]) -> StageResult:
@@ -193,6 +195,10 @@ def summarise(log: list[dict]) -> StageResult:
         result.steps = int(train[-1].get("step", len(train)))
         keys = [k for k in train[-1] if k.startswith(("rewards/", "logps/")) or k == "loss"]
         result.train_metrics = {k: _mean(e[k] for e in train[-window:] if k in e) for k in keys}
+    counted = [e["num_tokens"] for e in train if "num_tokens" in e]
+    result.tokens = int(counted[-1]) if counted else None
+    final = [e for e in log if "train_runtime" in e]
+    result.train_seconds = round(final[-1]["train_runtime"], 2) if final else None
     if evals:
         result.eval_loss = round(evals[-1]["eval_loss"], 4)
         result.eval_metrics = _eval_metrics(evals[-1])

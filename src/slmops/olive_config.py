@@ -118,6 +118,7 @@ def _preference_data_config(name: str, part: str, recipe: Recipe, sources: Sourc
                 "eval_source": _source_dict(sources.dpo_eval) if sources.dpo_eval else None,
                 "eval_split": p.eval_split,
                 "max_samples": p.max_samples,
+                "eval_max_samples": p.eval_max_samples,
                 "dedupe": p.dedupe,
                 "seed": recipe.training.seed,
             },

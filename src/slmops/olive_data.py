@@ -61,6 +61,7 @@ def slmops_preference_dataset(
     eval_source: Optional[dict] = None,
     eval_split: Optional[float] = None,
     max_samples: Optional[int] = None,
+    eval_max_samples: Optional[int] = None,
     dedupe: bool = True,
     seed: int = 42,
 ):
@@ -73,4 +74,4 @@ def slmops_preference_dataset(
         drop_duplicates=dedupe,
         seed=seed,
     )
-    return train if part == "train" else held
+    return train if part == "train" else held[:eval_max_samples]

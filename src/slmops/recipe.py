@@ -66,6 +66,10 @@ class PreferenceDataSection(Section):
     eval_split: Optional[float] = Field(None, gt=0, lt=1, description="Fraction of pairs held out (seeded).")
     eval_file: Optional[str] = Field(None, description="A separate file of held-out pairs.")
     max_samples: Optional[int] = Field(None, ge=1, description="Use at most this many training pairs.")
+    eval_max_samples: Optional[int] = Field(
+        None, ge=1, description="Evaluate on at most this many held-out pairs during training "
+        "(the rest stay held out for `slmops eval`)."
+    )
     dedupe: bool = Field(True, description="Drop exact duplicate pairs.")
 
     @model_validator(mode="after")

@@ -77,5 +77,5 @@ def _stage_lines(stage) -> list[str]:
     for label, metrics in (("train", stage.train_metrics), ("eval", stage.eval_metrics)):
         shown = [f"{key.split('/')[1]} {metrics[key]:+.4f}" for key in REWARDS if key in metrics]
         if shown:
-            lines.append(f"    {label + ' rewards':<12}{', '.join(shown)}")
+            lines.append(f"    {label + ' rewards':<14}{', '.join(shown)}")
     return lines

@@ -1,0 +1,5 @@
+"""python -m slmops.cli"""
+
+from slmops.cli import main
+
+main()
