@@ -85,8 +85,11 @@ def main() -> int:
     go_offline()
     model_path = resolve_model("smollm2-135m-instruct").path
     data = Path(locate("hh_rlhf_harmless_1k.jsonl", None).path)
+    rows = []
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
-        rows = [run_slmops(args, Path(tmp)), run_plain(args, Path(tmp), model_path, data)]
+        for run in (lambda: run_slmops(args, Path(tmp)), lambda: run_plain(args, Path(tmp), model_path, data)):
+            rows.append(run())
+            print(json.dumps(rows[-1]), flush=True)
     ours, plain = (r["tokens"] / r["train_seconds"] for r in rows)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"{args.steps} steps, batch {args.batch_size}, max_length {args.max_length}")

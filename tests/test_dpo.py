@@ -49,6 +49,7 @@ def test_dpo_alone_through_olive(tmp_path, tiny_model, no_network):
     assert list(config["passes"]) == ["dpo"] and config["passes"]["dpo"]["type"] == "DPO"
     dpo = result.stages["dpo"]
     assert dpo.steps == 2
+    assert dpo.train_seconds > 0 and dpo.tokens > 0  # what scripts/bench_dpo.py reads
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(dpo.train_metrics)
     assert {"rewards/accuracies", "rewards/margins"} <= set(dpo.eval_metrics)
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()

@@ -51,3 +51,27 @@ def test_adapter_loads_in_peft_and_changes_output(smollm2_run):
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert not list(out.rglob("model.safetensors"))  # no copy of the base model
+
+
+def test_sft_then_dpo_recipe_on_smollm2(tmp_path):
+    """The shipped chain recipe, few steps: one Olive workflow, one adapter that peft loads."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from slmops.models import resolve_model
+
+    out = tmp_path / "chain"
+    result = CliRunner().invoke(cli, [
+        "finetune", "--recipe", "smollm2-135m-sft-dpo", "-o", str(out), "--json",
+        "--set", "training.max_steps=6", "--set", "data.eval_split=null",
+        "--set", "dpo.max_steps=4", "--set", "dpo.data.eval_max_samples=8",
+    ])
+    assert result.exit_code == 0, result.output
+    stages = json.loads(result.stdout)["stages"]
+    assert (stages["sft"]["steps"], stages["dpo"]["steps"]) == (6, 4)
+    assert "rewards/accuracies" in stages["dpo"]["eval_metrics"]
+    config = json.loads((out / "olive_config.json").read_text())
+    assert [p["type"] for p in config["passes"].values()] == ["LoRA", "DPO"]
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m-instruct").path)
+    tuned = PeftModel.from_pretrained(model, out / "adapter")
+    assert any("lora_B" in name and p.abs().sum() > 0 for name, p in tuned.named_parameters())

@@ -175,6 +175,9 @@ def _find_adapter(workflow, olive_output: Path) -> Path:
 
 
 def _loss_log(checkpoints: Path) -> list[dict]:
+    full = checkpoints / "log_history.json"  # written by slmops' DPO pass; Olive's LoRA has only checkpoints
+    if full.is_file():
+        return [e for e in json.loads(full.read_text()) if {"loss", "eval_loss", "train_runtime"} & set(e)]
     states = sorted(checkpoints.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
     if not states:
         return []

@@ -10,6 +10,7 @@ keeps a second copy of the model in memory.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from copy import deepcopy
@@ -85,6 +86,8 @@ class DPO(Pass):
             trainer = DPOTrainer(model=policy, args=args, train_dataset=train, eval_dataset=held,
                                  processing_class=tokenizer, peft_config=peft_config)
             trainer.train()
+            # The last checkpoint predates the trainer's final summary (train_runtime): keep all of it.
+            (Path(args.output_dir) / "log_history.json").write_text(json.dumps(trainer.state.log_history))
             adapter_path = Path(output_model_path) / "adapter"
             adapter_path.mkdir(parents=True, exist_ok=True)
             trainer.model.save_pretrained(adapter_path, selected_adapters=["default"], save_embedding_layers=False)
