@@ -30,7 +30,9 @@ class ModelSection(Section):
     trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
 
 
-class DataSection(Section):
+class DataSourceSection(Section):
+    """Where a stage's rows come from, and which of them it trains on."""
+
     dataset: Optional[str] = Field(
         None, description="Hub dataset id: the portable name, used when `file` is not found locally."
     )
@@ -40,14 +42,11 @@ class DataSection(Section):
         "or a file inside `dataset` on the hub.",
     )
     split: str = Field("train", description="Split to read from a hub dataset.")
-    format: SftFormat = Field("auto", description="Row format; auto detects it from the columns.")
-    chat_template: bool = Field(True, description="Format prompts with the model's chat template if it has one.")
     eval_split: Optional[float] = Field(
-        None, gt=0, lt=1, description="Fraction of rows held out for evaluation (seeded)."
+        None, gt=0, lt=1, description="Fraction of rows held out for evaluation (seeded), never trained on."
     )
     eval_file: Optional[str] = Field(None, description="A separate evaluation file (same lookup as `file`).")
     max_samples: Optional[int] = Field(None, ge=1, description="Use at most this many training rows.")
-    max_seq_len: int = Field(512, ge=16, description="Tokens per example; longer examples are truncated.")
     dedupe: bool = Field(True, description="Drop exact duplicate rows.")
 
     @model_validator(mode="after")
@@ -59,26 +58,21 @@ class DataSection(Section):
         return self
 
 
-class PreferenceDataSection(Section):
-    dataset: Optional[str] = Field(None, description="Hub dataset id of the preference pairs (portable name).")
-    file: Optional[str] = Field(None, description="Preference file: a path, or a name in $SLMOPS_DATA_DIR.")
-    split: str = Field("train", description="Split to read from a hub dataset.")
-    eval_split: Optional[float] = Field(None, gt=0, lt=1, description="Fraction of pairs held out (seeded).")
-    eval_file: Optional[str] = Field(None, description="A separate file of held-out pairs.")
-    max_samples: Optional[int] = Field(None, ge=1, description="Use at most this many training pairs.")
+class DataSection(DataSourceSection):
+    """SFT data."""
+
+    format: SftFormat = Field("auto", description="Row format; auto detects it from the columns.")
+    chat_template: bool = Field(True, description="Format prompts with the model's chat template if it has one.")
+    max_seq_len: int = Field(512, ge=16, description="Tokens per example; longer examples are truncated.")
+
+
+class PreferenceDataSection(DataSourceSection):
+    """Preference pairs: prompt/chosen/rejected, or chosen/rejected transcripts with an implicit prompt."""
+
     eval_max_samples: Optional[int] = Field(
         None, ge=1, description="Evaluate on at most this many held-out pairs during training "
         "(the rest stay held out for `slmops eval`)."
     )
-    dedupe: bool = Field(True, description="Drop exact duplicate pairs.")
-
-    @model_validator(mode="after")
-    def _check_source(self):
-        if not self.dataset and not self.file:
-            raise ValueError("needs `file` (a preference file) or `dataset` (a hub dataset id)")
-        if self.eval_split and self.eval_file:
-            raise ValueError("set either eval_split or eval_file, not both")
-        return self
 
 
 class DpoSection(Section):
