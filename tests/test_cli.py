@@ -131,3 +131,10 @@ def test_finetune_json_stdout_is_clean(tmp_path, tiny_model):
     assert code == 0, out
     result = json.loads(out)
     assert result["stages"]["sft"]["steps"] == 2 and result["adapter_dir"] == str(tmp_path / "out" / "adapter")
+
+
+def test_verbose_raises_olive_log_level(tmp_path, tiny_model):
+    code, out = run("--verbose", "finetune", "--recipe", "smollm2-135m-sft-h4rmony", "--model", str(tiny_model),
+                    "-o", str(tmp_path / "out"), "--dry-run")
+    assert code == 0, out
+    assert json.loads((tmp_path / "out" / "olive_config.json").read_text())["log_severity_level"] == 1

@@ -110,6 +110,8 @@ def finetune(recipe: Recipe, output_dir: Path, dry_run: bool = False) -> Finetun
     with atomic_dir(output_dir) as tmp:
         work = tmp / "work"
         config = render_finetune(recipe, str(p.model.path), p.sources, work_dir=str(work))
+        if logging.getLogger("slmops").isEnabledFor(logging.INFO):  # slmops --verbose: Olive's INFO log too
+            config["log_severity_level"] = 1
         validate_with_olive(config)
         (tmp / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         (tmp / "olive_config.json").write_text(json.dumps(config, indent=2) + "\n")

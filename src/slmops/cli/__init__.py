@@ -33,6 +33,7 @@ class SlmopsGroup(click.Group):
 def cli(verbose: bool) -> None:
     """Fine-tune, align and ship small language models, with Microsoft Olive as the engine."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("slmops").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def _register() -> None:
