@@ -160,12 +160,12 @@ def test_changed_file_is_detected(tmp_path):
 
 def test_h4rmony_reads_and_dedupes(shared_data):
     source = data.locate("h4rmony_alpaca.jsonl", None)
-    train, held = data.sft_splits(source, eval_split=0.1, seed=42)
+    train, held = data.load_splits(source, "sft", eval_split=0.1, seed=42)
     assert (len(train), len(held)) == (462, 51)  # 517 rows, 4 exact duplicates
     assert train[0]["prompt"][0]["content"].startswith("Below is an instruction")
-    again, held_again = data.sft_splits(source, eval_split=0.1, seed=42)
+    again, held_again = data.load_splits(source, "sft", eval_split=0.1, seed=42)
     assert held_again == held
-    _, other = data.sft_splits(source, eval_split=0.1, seed=7)
+    _, other = data.load_splits(source, "sft", eval_split=0.1, seed=7)
     assert other != held
     assert not {json.dumps(e, sort_keys=True) for e in held} & {json.dumps(e, sort_keys=True) for e in train}
 

@@ -490,8 +490,9 @@ def source_from_dict(spec: dict) -> DataSource:
     return locate(source.file, source.dataset, source.split)
 
 
-def sft_splits(
+def load_splits(
     train: DataSource,
+    kind: str = "sft",
     fmt: str = "auto",
     *,
     eval_source: Optional[DataSource] = None,
@@ -500,26 +501,11 @@ def sft_splits(
     drop_duplicates: bool = True,
     seed: int = 42,
 ) -> tuple[list[dict], list[dict]]:
-    """Read, normalise, dedupe and split SFT data: (train examples, eval examples)."""
-    return _splits(lambda src: normalise_sft(read_rows(src), src.label, fmt), train, eval_source, eval_split,
-                   max_samples, drop_duplicates, seed)
+    """Read, normalise ("sft" or "preference"), dedupe and split: (train examples, eval examples)."""
+    def read(source: DataSource) -> list[dict]:
+        rows = read_rows(source)
+        return normalise_sft(rows, source.label, fmt) if kind == "sft" else normalise_preference(rows, source.label)
 
-
-def preference_splits(
-    train: DataSource,
-    *,
-    eval_source: Optional[DataSource] = None,
-    eval_split: Optional[float] = None,
-    max_samples: Optional[int] = None,
-    drop_duplicates: bool = True,
-    seed: int = 42,
-) -> tuple[list[dict], list[dict]]:
-    """Read, normalise, dedupe and split preference data: (train pairs, eval pairs)."""
-    return _splits(lambda src: normalise_preference(read_rows(src), src.label), train, eval_source, eval_split,
-                   max_samples, drop_duplicates, seed)
-
-
-def _splits(read, train, eval_source, eval_split, max_samples, drop_duplicates, seed):
     examples = read(train)
     if drop_duplicates:
         examples = dedupe(examples)

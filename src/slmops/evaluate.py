@@ -184,7 +184,7 @@ def _score(model, features: list[dict], *, tokenizer, batch_size: int, progress:
 
 def recipe_pairs(recipe, split: str = "eval") -> list[dict]:
     """The recipe's preference pairs: its held-out part (the default), its training part, or all."""
-    from slmops.data import locate, preference_splits
+    from slmops.data import load_splits, locate
     from slmops.errors import RecipeError
 
     if recipe.dpo is None:
@@ -193,8 +193,8 @@ def recipe_pairs(recipe, split: str = "eval") -> list[dict]:
     source = locate(p.file, p.dataset, p.split)
     eval_source = locate(p.eval_file, p.dataset, p.split) if p.eval_file else None
     if split == "all":
-        return preference_splits(source, drop_duplicates=p.dedupe)[0]
-    train, held = preference_splits(source, eval_source=eval_source, eval_split=p.eval_split,
+        return load_splits(source, "preference", drop_duplicates=p.dedupe)[0]
+    train, held = load_splits(source, "preference", eval_source=eval_source, eval_split=p.eval_split,
                                     drop_duplicates=p.dedupe, seed=recipe.training.seed)
     if split == "eval" and not held:
         raise RecipeError(f"recipe {recipe.name} holds no pairs out (dpo.data.eval_split / eval_file); "

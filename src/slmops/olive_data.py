@@ -31,8 +31,9 @@ def slmops_sft_dataset(
     seed: int = 42,
 ):
     """Normalised SFT examples of one part ("train" or "eval")."""
-    train, held = data.sft_splits(
+    train, held = data.load_splits(
         data.source_from_dict(source),
+        "sft",
         format,
         eval_source=data.source_from_dict(eval_source) if eval_source else None,
         eval_split=eval_split,
@@ -66,8 +67,9 @@ def slmops_preference_dataset(
     seed: int = 42,
 ):
     """Normalised preference pairs {prompt, chosen, rejected} of one part ("train" or "eval")."""
-    train, held = data.preference_splits(
+    train, held = data.load_splits(
         data.source_from_dict(source),
+        "preference",
         eval_source=data.source_from_dict(eval_source) if eval_source else None,
         eval_split=eval_split,
         max_samples=max_samples,
