@@ -47,14 +47,21 @@ class DataSource:
         return self.path or f"{self.dataset}/{self.file or self.split}"
 
 
+def find_local(file: str) -> Optional[Path]:
+    """The file as a path, else by name under $SLMOPS_DATA_DIR; None when neither exists."""
+    for candidate in _candidates(file):
+        if candidate.exists():
+            return candidate
+    return None
+
+
 def locate(file: Optional[str], dataset: Optional[str], split: str = "train") -> DataSource:
     """A path as given, else its name under $SLMOPS_DATA_DIR, else the hub dataset."""
-    if file:
-        for candidate in _candidates(file):
-            if candidate.is_file():
-                return DataSource(path=str(candidate.resolve()), sha256=file_sha256(candidate))
-            if candidate.is_dir():
-                raise DataError(f"data file '{candidate}' is a folder; name a .jsonl, .json, .csv or .parquet file")
+    local = find_local(file) if file else None
+    if local is not None and local.is_dir():
+        raise DataError(f"data file '{local}' is a folder; name a .jsonl, .json, .csv or .parquet file")
+    if local is not None:
+        return DataSource(path=str(local.resolve()), sha256=file_sha256(local))
     if dataset and not _hub_offline():
         return DataSource(dataset=dataset, file=file, split=split)
     looked = " and ".join(str(c) for c in _candidates(file)) if file else "no file named"
@@ -72,6 +79,13 @@ def _candidates(file: str) -> list[Path]:
     if data_dir and not Path(file).is_absolute():
         paths.append(Path(data_dir).expanduser() / Path(file).name)
     return paths
+
+
+def locate_section(section) -> tuple[DataSource, Optional[DataSource]]:
+    """The training and (if named) evaluation sources of a recipe data section."""
+    train = locate(section.file, section.dataset, section.split)
+    held = locate(section.eval_file, section.dataset, section.split) if section.eval_file else None
+    return train, held
 
 
 def _hub_offline() -> bool:

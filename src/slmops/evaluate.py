@@ -184,14 +184,13 @@ def _score(model, features: list[dict], *, tokenizer, batch_size: int, progress:
 
 def recipe_pairs(recipe, split: str = "eval") -> list[dict]:
     """The recipe's preference pairs: its held-out part (the default), its training part, or all."""
-    from slmops.data import load_splits, locate
+    from slmops.data import load_splits, locate_section
     from slmops.errors import RecipeError
 
     if recipe.dpo is None:
         raise RecipeError(f"recipe {recipe.name} has no dpo section; pass --data PREFS instead")
     p = recipe.dpo.data
-    source = locate(p.file, p.dataset, p.split)
-    eval_source = locate(p.eval_file, p.dataset, p.split) if p.eval_file else None
+    source, eval_source = locate_section(p)
     if split == "all":
         return load_splits(source, "preference", drop_duplicates=p.dedupe)[0]
     train, held = load_splits(source, "preference", eval_source=eval_source, eval_split=p.eval_split,

@@ -76,16 +76,16 @@ def plan(recipe: Recipe) -> Plan:
     sources, counts = Sources(), {}
     if recipe.data:
         d = recipe.data
-        sources = replace(sources, sft=data_mod.locate(d.file, d.dataset, d.split),
-                          sft_eval=data_mod.locate(d.eval_file, d.dataset, d.split) if d.eval_file else None)
+        sft, sft_eval = data_mod.locate_section(d)
+        sources = replace(sources, sft=sft, sft_eval=sft_eval)
         train, held = data_mod.load_splits(
             sources.sft, "sft", d.format, eval_source=sources.sft_eval, eval_split=d.eval_split,
             max_samples=d.max_samples, drop_duplicates=d.dedupe, seed=recipe.training.seed)
         counts["sft"] = (len(train), len(held))
     if recipe.dpo:
         p = recipe.dpo.data
-        sources = replace(sources, dpo=data_mod.locate(p.file, p.dataset, p.split),
-                          dpo_eval=data_mod.locate(p.eval_file, p.dataset, p.split) if p.eval_file else None)
+        dpo, dpo_eval = data_mod.locate_section(p)
+        sources = replace(sources, dpo=dpo, dpo_eval=dpo_eval)
         train, held = data_mod.load_splits(
             sources.dpo, "preference", eval_source=sources.dpo_eval, eval_split=p.eval_split,
             max_samples=p.max_samples, drop_duplicates=p.dedupe, seed=recipe.training.seed)

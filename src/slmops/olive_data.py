@@ -31,17 +31,7 @@ def slmops_sft_dataset(
     seed: int = 42,
 ):
     """Normalised SFT examples of one part ("train" or "eval")."""
-    train, held = data.load_splits(
-        data.source_from_dict(source),
-        "sft",
-        format,
-        eval_source=data.source_from_dict(eval_source) if eval_source else None,
-        eval_split=eval_split,
-        max_samples=max_samples,
-        drop_duplicates=dedupe,
-        seed=seed,
-    )
-    return train if part == "train" else held
+    return _part("sft", format, source, part, eval_source, eval_split, max_samples, None, dedupe, seed)
 
 
 @Registry.register_pre_process(SFT_TOKENIZE)
@@ -67,9 +57,15 @@ def slmops_preference_dataset(
     seed: int = 42,
 ):
     """Normalised preference pairs {prompt, chosen, rejected} of one part ("train" or "eval")."""
+    return _part("preference", "auto", source, part, eval_source, eval_split, max_samples, eval_max_samples,
+                 dedupe, seed)
+
+
+def _part(kind, fmt, source, part, eval_source, eval_split, max_samples, eval_max_samples, dedupe, seed):
     train, held = data.load_splits(
         data.source_from_dict(source),
-        "preference",
+        kind,
+        fmt,
         eval_source=data.source_from_dict(eval_source) if eval_source else None,
         eval_split=eval_split,
         max_samples=max_samples,

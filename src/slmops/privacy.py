@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from slmops import compat
+from slmops.data import find_local
 from slmops.models import needs_hub
 from slmops.recipe import Recipe
 
@@ -37,12 +37,7 @@ def recipe_needs_hub(recipe: Recipe) -> bool:
     if needs_hub(recipe.model.name):
         return True
     sections = [recipe.data, recipe.dpo.data if recipe.dpo else None]
-    return any(s is not None and s.dataset and not (s.file and _local_data(s.file)) for s in sections)
-
-
-def _local_data(file: str) -> bool:
-    data_dir = os.environ.get("SLMOPS_DATA_DIR")
-    return Path(file).expanduser().exists() or bool(data_dir and (Path(data_dir) / Path(file).name).exists())
+    return any(s is not None and s.dataset and not (s.file and find_local(s.file)) for s in sections)
 
 
 def prepare_environment(recipe: Recipe) -> None:

@@ -27,7 +27,6 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def eval_command(recipe, model, adapter, reference, data, split, beta, max_length, limit, batch_size, dtype, as_json):
     """Evaluate a model (and adapter) on held-out preference pairs."""
-    from slmops.errors import RecipeError
     from slmops.privacy import go_offline
 
     if not recipe and not data:
@@ -38,8 +37,6 @@ def eval_command(recipe, model, adapter, reference, data, split, beta, max_lengt
     from slmops.recipe import load_recipe
 
     r = load_recipe(recipe) if recipe else None
-    if data is None and (r is None or r.dpo is None):
-        raise RecipeError(f"recipe {r.name} has no dpo section; pass --data PREFS")
     pairs = evaluate.file_pairs(data) if data else evaluate.recipe_pairs(r, split)
     pairs = pairs[:limit] if limit else pairs
     dpo = r.dpo if r else None
