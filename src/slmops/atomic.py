@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -11,6 +12,12 @@ from typing import Iterator
 from slmops.errors import RunError
 
 PARTIAL_PREFIX = ".slmops-partial-"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -29,6 +36,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         yield tmp
         if target.exists():
             raise RunError(f"output folder '{target}' appeared while this run was writing; pass another -o/--output")
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,7 +9,6 @@ A message is {"role": "system" | "user" | "assistant", "content": str}.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from slmops.errors import DataError
+from slmops.files import file_sha256
 
 MAX_PROBLEMS = 10  # problems listed in one error; the rest are counted
 IGNORE_INDEX = -100
@@ -90,14 +90,6 @@ def locate_section(section) -> tuple[DataSource, Optional[DataSource]]:
 
 def _hub_offline() -> bool:
     return os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Optional
 from slmops import data as data_mod
 from slmops.atomic import atomic_dir
 from slmops.errors import RunError
-from slmops.models import ResolvedModel, resolve_model
+from slmops.models import ResolvedModel, model_fingerprint, resolve_model
 from slmops.olive_config import SFT_PASS, Sources, package_config, render_finetune, validate_with_olive
 from slmops.recipe import Recipe, recipe_to_yaml
 
@@ -128,7 +128,7 @@ def _train(p: Plan, config: dict, tmp: Path, result: FinetuneResult) -> None:
     import slmops.olive_data  # noqa: F401 - registers slmops' data components with Olive
 
     start = time.monotonic()
-    with _library_output_to_stderr():
+    with library_output_to_stderr():
         workflow = olive_run(copy.deepcopy(config), package_config=package_config())  # Olive mutates it
     result.seconds = round(time.monotonic() - start, 1)
     adapter = _find_adapter(workflow, Path(config["output_dir"]))
@@ -150,7 +150,7 @@ def _checkpoints(config: dict, stage: str) -> Path:
 
 
 @contextlib.contextmanager
-def _library_output_to_stderr():
+def library_output_to_stderr():
     """Olive logs and the trainer's loss dicts go to stderr: stdout is for results (--json)."""
     olive_handlers = [h for h in logging.getLogger("olive").handlers if getattr(h, "stream", None) is sys.stdout]
     for handler in olive_handlers:
@@ -236,7 +236,8 @@ def _run_record(p: Plan, result: FinetuneResult) -> dict:
     record.update(
         recipe=p.recipe.name,
         method=p.recipe.method,
-        model={"name": p.model.name, "source": p.model.source, "hub_id": p.model.hub_id, "path": str(p.model.path)},
+        model={"name": p.model.name, "source": p.model.source, "hub_id": p.model.hub_id, "path": str(p.model.path),
+               "sha256": model_fingerprint(p.model.path)},
         data={k: v for k, v in asdict(p.sources).items() if v},
         versions=versions,
     )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slmops.errors import ModelError
+from slmops.files import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,26 @@ def resolve_model(name: str) -> ResolvedModel:
         f"model '{name}' not found: it is not a local folder, an alias ({known}) or a hub id (org/name); "
         "pass one of those with --model"
     )
+
+
+def model_fingerprint(path: Path) -> str:
+    """sha256 over the model's weight files (name and content): the identity adapters are checked against."""
+    import hashlib
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    if not files:
+        raise ModelError(f"model folder '{path}' has no *.safetensors or *.bin weights; pass a complete model folder")
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _FINGERPRINTS:
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(f.name.encode() + b"\0" + file_sha256(f).encode())
+        _FINGERPRINTS[key] = digest.hexdigest()
+    return _FINGERPRINTS[key]
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
 
 
 def _check_hf_folder(path: Path) -> Path:

@@ -244,7 +244,7 @@ SLMOPS_PASSES: dict[str, dict] = {
 }
 
 
-def validate_with_olive(config: dict) -> None:
+def validate_with_olive(config: dict, device: str = "cpu", provider: str = "CPUExecutionProvider") -> None:
     """Have Olive parse the workflow and build every pass's config class, without running anything.
 
     Raises RunError naming the pass and Olive's complaint; this is what --dry-run checks.
@@ -264,7 +264,7 @@ def validate_with_olive(config: dict) -> None:
         run_config = RunConfig.parse_file_or_obj(copy.deepcopy(config))
     except (ValidationError, ValueError) as exc:
         raise RunError(f"Olive rejected the workflow config: {_first_line(exc)}") from None
-    spec = AcceleratorSpec("cpu", "CPUExecutionProvider")
+    spec = AcceleratorSpec(device, provider)
     for name, pass_configs in run_config.passes.items():
         for pass_config in pass_configs:
             try:

@@ -126,6 +126,18 @@ class TrainingSection(Section):
     seed: int = Field(42, ge=0)
 
 
+class ExportSection(Section):
+    target: Literal["cpu", "cuda", "dml", "webgpu", "qnn", "openvino", "vitisai"] = Field(
+        "cpu", description="Hardware the bundle is built for.")
+    precision: Literal["int4", "int8", "fp16", "fp32"] = Field("int4", description="Precision of the base weights.")
+    int4_algo: Literal["rtn", "rtn_last", "k_quant", "k_quant_mixed", "k_quant_last"] = Field(
+        "k_quant_mixed", description="int4 method of the model builder (k_quant_mixed: some layers and lm_head in int8).")
+    block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="Quantization block size.")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="MatMulNBits accuracy level (4: int8 compute).")
+    lora_modules: Optional[list[str]] = Field(
+        None, description="Modules that get LoRA inputs in the graph (default: those the adapters train).")
+
+
 class Recipe(Section):
     name: Optional[str] = Field(None, description="Recipe name; defaults to the file name.")
     description: Optional[str] = None
@@ -136,6 +148,7 @@ class Recipe(Section):
     qlora: QLoraSection = Field(default_factory=QLoraSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
     dpo: Optional[DpoSection] = Field(None, description="Preference tuning (after SFT when `data` is set).")
+    export: ExportSection = Field(default_factory=ExportSection, description="How `slmops export` builds the bundle.")
 
     @model_validator(mode="after")
     def _check_stages(self):

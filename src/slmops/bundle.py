@@ -1,0 +1,176 @@
+"""The bundle: model, tokenizer, adapters, and a manifest (slmops.json) with provenance and sha256 of every file.
+
+Layout:
+    model.onnx (+ model.onnx.data)  genai_config.json  tokenizer files  chat_template.jinja
+    adapters/<name>.onnx_adapter    merged/<name>/ (optional)           hf/<name>/ (optional)
+    olive_config.json               README.md (model card)               slmops.json (manifest)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from slmops.errors import SlmopsError
+from slmops.files import file_sha256
+
+MANIFEST = "slmops.json"
+FORMAT = "slmops-bundle"
+FORMAT_VERSION = 1
+_PACKAGES = ("slmops", "olive-ai", "onnxruntime", "onnxruntime-genai", "onnx", "torch", "transformers", "peft",
+             "trl")
+
+
+class BundleError(SlmopsError):
+    """The bundle is missing, incomplete, altered, or not for this machine."""
+
+
+def versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in _PACKAGES:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def new_manifest(req, adapters, modules: set[str], n_layers: int, result) -> dict:
+    """The manifest of a freshly exported bundle (files are hashed when it is written)."""
+    from slmops.models import model_fingerprint
+
+    m, t, q = req.model, req.target, req.quant
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "base": {"name": m.name, "source": m.source, "hub_id": m.hub_id, "path": str(m.path),
+                 "sha256": model_fingerprint(m.path)},
+        "target": {"name": t.name, "device": t.device, "execution_provider": t.provider, "adapters": t.adapters},
+        "quantization": {"precision": q.precision, "int4_algo": q.int4_algo if q.precision == "int4" else None,
+                         "block_size": q.block_size if q.precision in ("int4", "int8") else None,
+                         "accuracy_level": q.accuracy_level if q.precision in ("int4", "int8") else None,
+                         "lora": "float32, not quantized"},
+        "lora_inputs": {"modules": sorted(modules), "layers": n_layers if modules else 0},
+        "adapters": result.adapters,
+        "merged": {name: {"folder": f"merged/{name}", "hf_folder": f"hf/{name}" if req.hf_merged else None}
+                   for name in result.merged},
+        "export_seconds": result.seconds,
+        "versions": versions(),
+        "files": {},
+    }
+
+
+def write_bundle_metadata(folder: Path, manifest: dict) -> None:
+    """Write README.md from the manifest, hash every file, then write slmops.json (temp file + rename)."""
+    (folder / "README.md").write_text(model_card(manifest))
+    manifest["files"] = hash_files(folder)
+    tmp = folder / f".{MANIFEST}.partial"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.rename(folder / MANIFEST)
+
+
+def hash_files(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of a bundle folder; a one-line BundleError when it is not a bundle."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BundleError(f"bundle '{folder}' not found; pass the folder `slmops export -o` wrote")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"'{folder}' is not an slmops bundle (no {MANIFEST}); pass the folder `slmops export` wrote")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc.__class__.__name__}); re-export the bundle") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{path} is not an slmops bundle manifest; re-export the bundle")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{path} has format version {manifest.get('format_version')!r}, this slmops reads "
+                          f"{FORMAT_VERSION}; re-export the bundle with this version")
+    for key, kind in (("base", dict), ("target", dict), ("adapters", dict), ("files", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise BundleError(f"{path}: '{key}' is missing or malformed; re-export the bundle")
+    return manifest
+
+
+@dataclass
+class FileCheck:
+    checked: int
+    missing: list[str]
+    changed: list[str]
+    unlisted: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.changed or self.unlisted)
+
+
+def check_files(folder: Path, manifest: dict) -> FileCheck:
+    """Compare every file with the sha256 the manifest recorded."""
+    actual = hash_files(folder)
+    expected = manifest["files"]
+    return FileCheck(
+        checked=len(expected),
+        missing=sorted(set(expected) - set(actual)),
+        changed=sorted(name for name in set(expected) & set(actual) if actual[name] != expected[name]),
+        unlisted=sorted(set(actual) - set(expected)),
+    )
+
+
+def model_card(m: dict) -> str:
+    """README.md of a bundle, generated from its manifest."""
+    q, t, base = m["quantization"], m["target"], m["base"]
+    lines = [
+        f"# {base['name']}: ONNX Runtime GenAI bundle ({t['name']}, {q['precision']})",
+        "",
+        f"Built by slmops {m['versions'].get('slmops')} with Olive {m['versions'].get('olive-ai')} on {m['created']}.",
+        "",
+        "| | |", "|---|---|",
+        f"| base model | {base['name']} ({base.get('hub_id') or base['source']}), weights sha256 `{base['sha256'][:16]}` |",
+        f"| target | {t['name']} ({t['execution_provider']}) |",
+        f"| quantization | {_quant_text(q)}; LoRA weights float32 |",
+        f"| LoRA inputs | {', '.join(m['lora_inputs']['modules']) or 'none'} |",
+        "",
+        "## Adapters", "",
+    ]
+    if m["adapters"]:
+        lines += ["| name | rank | modules | recipe | stages | metrics |", "|---|---|---|---|---|---|"]
+        for name, a in m["adapters"].items():
+            lines.append(f"| {name} | {a['rank']} | {', '.join(a['modules'])} | {a.get('recipe') or '-'} | "
+                         f"{' -> '.join(a.get('stages') or []) or '-'} | {_metrics_text(a.get('metrics') or {})} |")
+    else:
+        lines.append("None: the base model only.")
+    if m.get("merged"):
+        lines += ["", "## Merged variants", ""] + [f"- `{v['folder']}`: base with {n} merged in"
+                                                    + (f"; HF weights in `{v['hf_folder']}`" if v.get("hf_folder") else "")
+                                                    for n, v in m["merged"].items()]
+    first = next(iter(m["adapters"]), None)
+    lines += ["", "## Use", "", "```", f"slmops generate BUNDLE --prompt 'Hello'"]
+    if first:
+        lines.append(f"slmops generate BUNDLE --adapter {first} --prompt 'Hello'")
+    lines += ["slmops verify BUNDLE --parity", "```", "",
+              "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v), ""]
+    return "\n".join(lines)
+
+
+def _quant_text(q: dict) -> str:
+    if q["precision"] == "int4":
+        return f"int4 ({q['int4_algo']}, block {q['block_size']}, accuracy level {q['accuracy_level']})"
+    return q["precision"]
+
+
+def _metrics_text(metrics: dict) -> str:
+    parts = []
+    for stage, values in metrics.items():
+        shown = [f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, (int, float)) and k != "steps"]
+        parts.append(f"{stage}: {values.get('steps', '?')} steps" + (", " + ", ".join(shown) if shown else ""))
+    return "; ".join(parts) or "-"

@@ -1,0 +1,163 @@
+"""`slmops export` and `slmops verify`: build a bundle through Olive, and check one."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from slmops.errors import RunError
+
+
+def parse_named_paths(items: tuple[str, ...], flag: str) -> dict[str, Path]:
+    """NAME=PATH pairs (a bare PATH is named after its folder)."""
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            path = name
+            name = Path(path.rstrip("/")).name
+            name = Path(path.rstrip("/")).parent.name if name == "adapter" else name
+        if not name or not path or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise RunError(f"{flag} '{item}': expected NAME=PATH with a NAME of letters, digits, '-', '_' or '.'")
+        if name in out:
+            raise RunError(f"{flag} name '{name}' is given twice; give each adapter its own NAME=PATH")
+        out[name] = Path(path)
+    return out
+
+
+@click.command("export")
+@click.option("-r", "--recipe", default=None, help="Recipe whose model and `export:` section to use.")
+@click.option("-m", "--model", default=None, help="Base model: alias, local HF folder or hub id (default: the recipe's).")
+@click.option("-a", "--adapter", "adapters", multiple=True, metavar="NAME=PATH",
+              help="A PEFT adapter or `slmops finetune` output folder; repeat for several.")
+@click.option("-t", "--target", type=click.Choice(["cpu", "cuda", "dml", "webgpu", "qnn", "openvino", "vitisai"]),
+              default=None, help="Hardware to build for (default cpu).")
+@click.option("-p", "--precision", type=click.Choice(["int4", "int8", "fp16", "fp32"]), default=None,
+              help="Precision of the base weights (default int4); LoRA weights stay float32.")
+@click.option("--int4-algo", type=click.Choice(["rtn", "rtn_last", "k_quant", "k_quant_mixed", "k_quant_last"]),
+              default=None, help="int4 method (default k_quant_mixed: sensitive layers and lm_head in int8).")
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
+              help="Quantization block size (default 32).")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="MatMulNBits accuracy level (default 4: int8 compute on CPU).")
+@click.option("--lora-modules", default=None, help="Comma-separated modules that get LoRA inputs "
+              "(default: those the adapters train); wider lets later --into adapters fit.")
+@click.option("--merge", "merge", multiple=True, metavar="NAME", help="Also build a model with this adapter merged in.")
+@click.option("--hf-merged", is_flag=True, help="With --merge: also write the merged HF weights (hf/NAME).")
+@click.option("--into", "into", type=click.Path(path_type=Path), default=None,
+              help="Add the adapters to this existing bundle without rebuilding the base.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Bundle folder; must not exist.")
+@click.option("--dry-run", is_flag=True, help="Write the Olive configs and have Olive validate them, build nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def export_command(recipe, model, adapters, target, precision, int4_algo, block_size, accuracy_level, lora_modules,
+                   merge, hf_merged, into, output, dry_run, as_json) -> None:
+    """Export a base model and its adapters to an ONNX Runtime GenAI bundle, through Olive."""
+    from slmops.export import TARGETS, ExportRequest, Quantization, add_adapters, export
+    from slmops.models import DEFAULT_MODEL, needs_hub, resolve_model
+    from slmops.privacy import go_offline
+    from slmops.recipe import ExportSection, load_recipe
+
+    named = parse_named_paths(adapters, "--adapter")
+    r = load_recipe(recipe) if recipe else None
+    settings = r.export if r else ExportSection()
+    model_name = model or (r.model.name if r else None)
+    if into:
+        _refuse_with_into(output, target, precision, int4_algo, block_size, accuracy_level, lora_modules, merge, dry_run)
+        if not named:
+            raise RunError("--into needs at least one --adapter NAME=PATH to add")
+    if not (into or output):
+        raise RunError("no output folder: pass -o BUNDLE (or --into BUNDLE to add adapters to one)")
+    go_offline(allow_hub=bool(model_name and needs_hub(model_name)))
+    progress = (lambda msg: click.echo(f"... {msg}", err=True)) if not as_json else None
+    if into:
+        from slmops.bundle import read_manifest
+
+        base = model_name or read_manifest(into)["base"]["name"]
+        manifest = add_adapters(into, named, resolve_model(base), progress=progress)
+        click.echo(json.dumps({"bundle": str(into), "adapters": list(manifest["adapters"])}, indent=2) if as_json
+                   else f"Added {', '.join(named)} to {into}; adapters now: {', '.join(manifest['adapters'])}")
+        return
+    quant = Quantization(precision or settings.precision, int4_algo or settings.int4_algo,
+                         int(block_size or settings.block_size),
+                         settings.accuracy_level if accuracy_level is None else accuracy_level)
+    modules = [m.strip() for m in lora_modules.split(",") if m.strip()] if lora_modules else settings.lora_modules
+    req = ExportRequest(resolve_model(model_name or DEFAULT_MODEL), named, TARGETS[target or settings.target], quant,
+                        modules, list(merge), hf_merged)
+    result = export(req, output, dry_run=dry_run, progress=progress)
+    if as_json:
+        click.echo(json.dumps(asdict(result), indent=2))
+        return
+    verb = "Validated the Olive config(s) for" if dry_run else "Exported"
+    click.echo(f"{verb} {req.model.name} -> {output} ({result.target}, {result.quantization})")
+    for name, record in result.adapters.items():
+        click.echo(f"  adapter {name:<16} r={record['rank']} {', '.join(record['modules'])}")
+    for name in result.merged:
+        click.echo(f"  merged  {name:<16} merged/{name}")
+    for cfg in result.olive_configs:
+        click.echo(f"  olive config  {output / cfg}")
+    if not dry_run:
+        click.echo(f"  time          {result.seconds:.1f} s\n  next          slmops generate {output} --prompt 'Hello'")
+
+
+def _refuse_with_into(output, *build_options) -> None:
+    if output:
+        raise RunError("--into and -o conflict: --into adds to an existing bundle, -o builds a new one; pass one")
+    if any(option not in (None, (), False) for option in build_options):
+        raise RunError("--into only adds adapters; the base's options (target, precision, quantization, "
+                       "--lora-modules, --merge, --dry-run) are fixed by the bundle: drop them")
+
+
+@click.command("verify")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--parity", is_flag=True, help="Also compare logits with PyTorch + PEFT (base and every adapter).")
+@click.option("-m", "--model", default=None, help="Base model for --parity (default: the one the bundle records).")
+@click.option("-a", "--adapter", "adapters", multiple=True, metavar="NAME=PATH",
+              help="PEFT adapter for --parity where the recorded source moved.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify_command(bundle, parity, model, adapters, as_json) -> None:
+    """Check every file of a bundle against its manifest, and optionally its fidelity."""
+    from slmops.bundle import BundleError, check_files, read_manifest
+
+    manifest = read_manifest(bundle)
+    files = check_files(bundle, manifest)
+    problems = [f"{kind} {name}" for kind, names in (("changed:", files.changed), ("missing:", files.missing),
+                                                     ("not in the manifest:", files.unlisted)) for name in names]
+    out = {"bundle": str(bundle), "files_checked": files.checked, "file_problems": problems}
+    if problems:
+        raise BundleError(f"bundle {bundle} fails verification: {'; '.join(problems)}; re-export it "
+                          "(or restore the files)")
+    if not as_json:
+        click.echo(f"{bundle}: {files.checked} files match their sha256 in slmops.json")
+    if parity:
+        report = _parity(bundle, manifest, model, adapters)
+        out["parity"] = asdict(report)
+        if not as_json:
+            click.echo(_parity_table(report))
+        if not report.ok:
+            if as_json:
+                click.echo(json.dumps(out, indent=2))
+            raise BundleError(f"parity check failed: {'; '.join(report.failures)}")
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+
+
+def _parity(bundle, manifest, model, adapters):
+    from slmops.models import resolve_model
+    from slmops.parity import adapter_sources, check_parity
+    from slmops.privacy import go_offline
+
+    go_offline()
+    base = resolve_model(model or manifest["base"]["name"])
+    return check_parity(bundle, manifest, base.path, adapter_sources(manifest, parse_named_paths(adapters, "--adapter")))
+
+
+def _parity_table(report) -> str:
+    lines = [f"parity vs PyTorch fp32 ({report.precision} bundle, {report.texts} held-out texts):",
+             f"  {'':<16} {'positions':>9} {'top-1 agree':>11} {'max |dlogit|':>12}"]
+    for row in report.rows:
+        lines.append(f"  {row.name:<16} {row.positions:>9} {row.agreement:>11.1%} {row.max_abs_diff:>12.2e}")
+    lines.append("  result: " + ("pass" if report.ok else "FAIL: " + "; ".join(report.failures)))
+    return "\n".join(lines)

@@ -1,0 +1,390 @@
+"""Export: one ONNX Runtime GenAI base model for N LoRA adapters, built by Olive, packed as a bundle.
+
+The route (see ../shared/PITFALLS.md): Olive's ModelBuilder pass builds the base from the HF model
+plus a zero LoRA covering every module any adapter trains, with the LoRA MatMuls excluded from
+quantization (floats, so adapters stay swappable); ExtractAdapters turns the LoRA weights into
+graph inputs of dynamic rank. Each adapter is then written as its own `.onnx_adapter` whose tensor
+names are the graph's inputs, zero-padded over modules it does not train.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from slmops import bundle as bundle_mod
+from slmops import lora
+from slmops.atomic import atomic_dir
+from slmops.errors import RunError
+from slmops.models import ResolvedModel, model_fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    device: str  # Olive accelerator device
+    provider: str  # ONNX Runtime execution provider
+    precisions: tuple[str, ...]
+    adapters: bool = True  # can the runtime switch LoRA adapters on this EP?
+    static_shapes: bool = False  # NPUs compile fixed shapes
+    why_no_adapters: str = ""
+
+
+TARGETS = {t.name: t for t in (
+    Target("cpu", "cpu", "CPUExecutionProvider", ("int4", "int8", "fp32")),
+    Target("cuda", "gpu", "CUDAExecutionProvider", ("int4", "fp16", "fp32")),
+    Target("webgpu", "gpu", "WebGpuExecutionProvider", ("int4", "fp16", "fp32")),
+    Target("dml", "gpu", "DmlExecutionProvider", ("int4", "fp16"), adapters=False,
+           why_no_adapters="onnxruntime-genai cannot load LoRA adapters on DirectML"),
+    Target("qnn", "npu", "QNNExecutionProvider", ("int4",), adapters=False, static_shapes=True,
+           why_no_adapters="the QNN NPU runs static-shape graphs, so the LoRA rank cannot vary at run time"),
+    Target("openvino", "npu", "OpenVINOExecutionProvider", ("int4", "int8", "fp16"), adapters=False,
+           static_shapes=True, why_no_adapters="the OpenVINO NPU compiles static-shape graphs"),
+    Target("vitisai", "npu", "VitisAIExecutionProvider", ("int4",), adapters=False, static_shapes=True,
+           why_no_adapters="the VitisAI NPU compiles static-shape graphs"),
+)}
+
+
+@dataclass(frozen=True)
+class Quantization:
+    precision: str = "int4"
+    int4_algo: str = "k_quant_mixed"
+    block_size: int = 32
+    accuracy_level: int = 4
+
+    def describe(self) -> str:
+        if self.precision == "int4":
+            return f"int4 {self.int4_algo}, block {self.block_size}, accuracy level {self.accuracy_level}"
+        return self.precision + (f" rtn, block {self.block_size}" if self.precision == "int8" else "")
+
+
+@dataclass
+class ExportRequest:
+    model: ResolvedModel
+    adapters: dict[str, Path]  # name -> adapter folder or finetune output folder
+    target: Target
+    quant: Quantization = field(default_factory=Quantization)
+    lora_modules: Optional[list[str]] = None  # graph LoRA inputs; default: the union of the adapters'
+    merge: list[str] = field(default_factory=list)  # adapters that also get a merged model
+    hf_merged: bool = False  # also write merged HF folders (for transformers users)
+
+
+@dataclass
+class ExportResult:
+    bundle: str
+    dry_run: bool
+    target: str
+    quantization: str
+    adapters: dict[str, dict] = field(default_factory=dict)
+    merged: list[str] = field(default_factory=list)
+    olive_configs: list[str] = field(default_factory=list)
+    seconds: Optional[float] = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Olive config (pure)
+
+
+def render_export(model_path: str, target: Target, quant: Quantization, adapter_path: Optional[str] = None,
+                  lora_nodes: tuple[str, ...] = (), work_dir: str = ".") -> dict:
+    """The Olive workflow that builds the base (with LoRA inputs when adapter_path is given). Pure."""
+    builder = {"type": "ModelBuilder", "precision": "fp32" if quant.precision == "int8" else quant.precision}
+    if quant.precision == "int4":
+        builder.update(int4_algo_config=quant.int4_algo, int4_block_size=quant.block_size,
+                       int4_accuracy_level=quant.accuracy_level)
+        if lora_nodes:
+            builder["int4_nodes_to_exclude"] = list(lora_nodes)  # LoRA stays float, so adapters stay swappable
+    passes = {"builder": builder}
+    if quant.precision == "int8":  # the builder has no int8: 8-bit block-wise RTN on the fp32 graph
+        passes["int8"] = {"type": "OnnxBlockWiseRtnQuantization", "bits": 8, "block_size": quant.block_size,
+                          "accuracy_level": quant.accuracy_level, "nodes_to_exclude": list(lora_nodes)}
+    if adapter_path:
+        passes["adapters"] = {"type": "ExtractAdapters", "make_inputs": True, "dynamic_lora_r": True,
+                              "save_format": "onnx_adapter"}
+    if target.static_shapes:
+        passes["static"] = {"type": "StaticLLM", "batch_size": 1, "context_length": 64}
+    input_model = {"type": "HfModel", "model_path": model_path, "task": "text-generation"}
+    if adapter_path:
+        input_model["adapter_path"] = adapter_path
+    return {
+        "input_model": input_model,
+        "systems": {"local_system": {"type": "LocalSystem", "accelerators": [
+            {"device": target.device, "execution_providers": [target.provider]}]}},
+        "passes": passes,
+        "host": "local_system",
+        "target": "local_system",
+        "evaluate_input_model": False,
+        "log_severity_level": 3,
+        "cache_dir": f"{work_dir}/olive-cache",
+        "output_dir": f"{work_dir}/olive-output",
+    }
+
+
+def lora_nodes(modules: set[str], n_layers: int) -> tuple[str, ...]:
+    return tuple(lora.graph_node(layer, module, ab)
+                 for layer in range(n_layers) for module in sorted(modules) for ab in "AB")
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def check_request(req: ExportRequest) -> list[lora.Adapter]:
+    """Everything that can be refused before building: target limits, adapters that do not fit."""
+    t, q = req.target, req.quant
+    if q.precision not in t.precisions:
+        raise RunError(f"target {t.name} does not take precision {q.precision}; use one of {', '.join(t.precisions)}")
+    adapters = [lora.load_adapter(name, path) for name, path in req.adapters.items()]
+    unknown = [name for name in req.merge if name not in req.adapters]
+    if unknown:
+        raise RunError(f"--merge names {', '.join(unknown)}, which is not among the adapters "
+                       f"({', '.join(req.adapters) or 'none'}); pass it with --adapter NAME=PATH too")
+    if adapters and not t.adapters and set(req.merge) != set(req.adapters):
+        raise RunError(f"target {t.name} cannot switch adapters at run time ({t.why_no_adapters}); "
+                       f"export one merged model per adapter with --merge {' --merge '.join(req.adapters)}")
+    if req.lora_modules and not t.adapters:
+        raise RunError(f"--lora-modules needs adapters at run time, which target {t.name} cannot switch")
+    n_layers, shapes = lora.base_shapes(req.model.path)
+    fingerprint = model_fingerprint(req.model.path)
+    for adapter in adapters:
+        _check_base(adapter, req.model, fingerprint)
+        lora.check_fits(adapter, n_layers, shapes, req.model.name)
+    bad = sorted(set(req.lora_modules or ()) - set(lora.MODULES))
+    if bad:
+        raise RunError(f"--lora-modules {', '.join(bad)} is not a linear layer the exporter handles; "
+                       f"choose from {', '.join(lora.MODULES)}")
+    return adapters
+
+
+def _check_base(adapter: lora.Adapter, model: ResolvedModel, fingerprint: str) -> None:
+    """An adapter from `slmops finetune` records its base's fingerprint: a different base is refused."""
+    recorded = ((adapter.run or {}).get("model") or {}).get("sha256")
+    if recorded and recorded != fingerprint:
+        trained_on = (adapter.run.get("model") or {}).get("name", "another model")
+        raise RunError(f"adapter '{adapter.name}' was trained on {trained_on} (weights sha256 {recorded[:12]}), "
+                       f"not on {model.name} ({fingerprint[:12]}); export it with --model {trained_on}")
+
+
+def graph_modules(req: ExportRequest, adapters: list[lora.Adapter]) -> set[str]:
+    modules = set().union(*(a.modules for a in adapters)) if adapters else set()
+    if req.lora_modules:
+        missing = modules - set(req.lora_modules)
+        if missing:
+            raise RunError(f"--lora-modules leaves out {', '.join(sorted(missing))}, which adapters train; "
+                           "add them, or drop --lora-modules")
+        modules = set(req.lora_modules)
+    return modules
+
+
+def export(req: ExportRequest, output: Path, dry_run: bool = False, progress=None) -> ExportResult:
+    """Build the bundle at `output` (atomically), or with dry_run write and validate the Olive configs only."""
+    import time
+
+    from slmops.olive_config import validate_with_olive
+
+    start = time.monotonic()
+    adapters = check_request(req)
+    run_time = [a for a in adapters if a.name not in req.merge] if not req.target.adapters else adapters
+    modules = graph_modules(req, run_time) if req.target.adapters else set()
+    n_layers, shapes = lora.base_shapes(req.model.path)
+    result = ExportResult(str(output), dry_run, req.target.name, req.quant.describe())
+    with atomic_dir(output) as tmp:
+        work = tmp / ".work"
+        union = str(work / "lora-union") if modules else None
+        config = render_export(str(req.model.path), req.target, req.quant, union,
+                               lora_nodes(modules, n_layers), str(work / "base"))
+        merged_configs = {name: render_export(str(work / "merged-hf" / name), req.target, req.quant,
+                                              work_dir=str(work / f"merged-{name}")) for name in req.merge}
+        for cfg in (config, *merged_configs.values()):
+            validate_with_olive(cfg, device=req.target.device, provider=req.target.provider)
+        _write_json(tmp / "olive_config.json", config)
+        for name, cfg in merged_configs.items():
+            _write_json(tmp / "merged" / name / "olive_config.json", cfg)
+        result.olive_configs = ["olive_config.json", *(f"merged/{n}/olive_config.json" for n in merged_configs)]
+        if dry_run:
+            shutil.rmtree(work, ignore_errors=True)
+            return result
+        _say(progress, f"building the {req.quant.precision} base for {req.target.name}")
+        if union:
+            lora.union_adapter(run_time, modules, n_layers, shapes, Path(union), str(req.model.path))
+        _copy_model(_run_olive(config), tmp)
+        if req.target.adapters:
+            inputs = graph_lora_inputs(tmp / "model.onnx")
+            for adapter in run_time:
+                _say(progress, f"adapter {adapter.name}")
+                write_onnx_adapter(adapter, inputs, tmp / "adapters" / f"{adapter.name}.onnx_adapter")
+                result.adapters[adapter.name] = adapter_record(adapter)
+        for name, cfg in merged_configs.items():
+            _say(progress, f"merged model for {name}")
+            adapter = next(a for a in adapters if a.name == name)
+            merge_to_hf(req.model.path, adapter, work / "merged-hf" / name)
+            _copy_model(_run_olive(cfg), tmp / "merged" / name)
+            if req.hf_merged:
+                shutil.copytree(work / "merged-hf" / name, tmp / "hf" / name)
+            result.merged.append(name)
+        shutil.rmtree(work, ignore_errors=True)
+        result.seconds = round(time.monotonic() - start, 1)
+        manifest = bundle_mod.new_manifest(req, adapters, modules, n_layers, result)
+        bundle_mod.write_bundle_metadata(tmp, manifest)
+    return result
+
+
+def _say(progress, message: str) -> None:
+    if progress:
+        progress(message)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _run_olive(config: dict) -> Path:
+    """Run the workflow; return the folder that holds the built model.onnx."""
+    from olive.workflows import run as olive_run
+
+    from slmops.finetune import library_output_to_stderr
+    from slmops.olive_config import package_config
+
+    if logging.getLogger("slmops").isEnabledFor(logging.INFO):
+        config = dict(config, log_severity_level=1)
+    with library_output_to_stderr():
+        olive_run(copy.deepcopy(config), package_config=package_config())  # Olive mutates the config
+    found = sorted(Path(config["output_dir"]).rglob("genai_config.json"))
+    if not found:
+        raise RunError("Olive finished without building a model; rerun with --verbose to see Olive's log")
+    return found[0].parent
+
+
+# Olive's bookkeeping and the zero LoRA's own adapter file are not part of a bundle.
+_SKIP = {"adapter_weights.onnx_adapter", "footprint.json", "output_footprint.json", "run_history.txt",
+         "model_config.json"}
+
+
+def _copy_model(src: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.name not in _SKIP and item.is_file():
+            shutil.copy2(item, dest / item.name)
+
+
+def graph_lora_inputs(model_file: Path) -> dict[str, tuple[int, int]]:
+    """Every LoRA input of the graph -> (in, out) of its MatMul, from the graph's shapes (r is symbolic)."""
+    import onnx
+
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    dims = {}
+    for value in graph.input:
+        if ".lora_" in value.name:
+            d = [x.dim_value or x.dim_param for x in value.type.tensor_type.shape.dim]
+            dims[value.name] = d
+    inputs = {}
+    for name, d in dims.items():
+        if ".lora_A." in name:
+            inputs[name] = (int(d[0]), 0)
+        else:
+            inputs[name] = (0, int(d[1]))
+    return inputs
+
+
+def write_onnx_adapter(adapter: lora.Adapter, inputs: dict[str, tuple[int, int]], path: Path) -> None:
+    import onnxruntime as ort
+
+    tensors = lora.onnx_tensors(adapter, inputs)
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in tensors.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    fmt.export_adapter(str(tmp))
+    tmp.rename(path)
+
+
+def adapter_record(adapter: lora.Adapter) -> dict:
+    """What the manifest says about an adapter: shape, and the provenance its finetune run recorded."""
+    run = adapter.run or {}
+    record = {
+        "file": f"adapters/{adapter.name}.onnx_adapter",
+        "source": str(adapter.path),
+        "rank": adapter.rank,
+        "alpha": adapter.config.get("lora_alpha"),
+        "modules": sorted(adapter.modules),
+        "layers": len(adapter.layers),
+    }
+    if run:
+        record.update(recipe=run.get("recipe"), method=run.get("method"), stages=list((run.get("stages") or {})),
+                      data={k: {"sha256": v.get("sha256"), "dataset": v.get("dataset"), "file": v.get("file")}
+                            for k, v in (run.get("data") or {}).items() if isinstance(v, dict)},
+                      metrics=_metrics(run))
+    return record
+
+
+def _metrics(run: dict) -> dict:
+    out = {}
+    for stage, summary in (run.get("stages") or {}).items():
+        out[stage] = {k: summary.get(k) for k in ("steps", "final_loss", "eval_loss_start", "eval_loss")
+                      if summary.get(k) is not None}
+        out[stage].update({f"eval_{k}": v for k, v in (summary.get("eval_metrics") or {}).items()
+                           if k.startswith("rewards/")})
+    return out
+
+
+def merge_to_hf(model_path: Path, adapter: lora.Adapter, out: Path) -> Path:
+    """The base with the adapter merged in, saved as an HF folder (fp32 weights and the tokenizer)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(adapter.path)).merge_and_unload()
+    merged.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Adding adapters to an existing bundle
+
+
+def add_adapters(bundle_dir: Path, adapters: dict[str, Path], model: ResolvedModel, progress=None) -> dict:
+    """Write new adapters into a bundle without rebuilding the base; the manifest is replaced atomically."""
+    manifest = bundle_mod.read_manifest(bundle_dir)
+    if not manifest["target"].get("adapters", True):
+        raise RunError(f"bundle '{bundle_dir}' targets {manifest['target']['name']}, which cannot switch adapters; "
+                       "export a new bundle with --merge")
+    clash = sorted(set(adapters) & set(manifest["adapters"]))
+    if clash:
+        raise RunError(f"bundle '{bundle_dir}' already has adapter(s) {', '.join(clash)}; choose other names")
+    fingerprint = model_fingerprint(model.path)
+    if manifest["base"]["sha256"] != fingerprint:
+        raise RunError(f"--model {model.name} is not the base this bundle was built from "
+                       f"({manifest['base']['name']}); pass --model {manifest['base']['name']}")
+    n_layers, shapes = lora.base_shapes(model.path)
+    inputs = graph_lora_inputs(bundle_dir / "model.onnx")
+    loaded = [lora.load_adapter(name, path) for name, path in adapters.items()]
+    for adapter in loaded:
+        _check_base(adapter, model, fingerprint)
+        lora.check_fits(adapter, n_layers, shapes, model.name)
+        lora.onnx_tensors(adapter, inputs)  # refuses modules the graph has no input for, before writing
+    written = []
+    try:
+        for adapter in loaded:
+            _say(progress, f"adapter {adapter.name}")
+            path = bundle_dir / "adapters" / f"{adapter.name}.onnx_adapter"
+            write_onnx_adapter(adapter, inputs, path)
+            written.append(path)
+            manifest["adapters"][adapter.name] = adapter_record(adapter)
+        bundle_mod.write_bundle_metadata(bundle_dir, manifest)
+    except BaseException:
+        for path in written:  # the old manifest still holds: leave no file it does not list
+            path.unlink(missing_ok=True)
+        raise
+    return manifest

@@ -1,0 +1,205 @@
+"""Run a bundle on onnxruntime-genai: the model, its tokenizer and chat template, adapters switched per request.
+
+Shared by `slmops generate`, `chat`, `serve` and `bench`. Each generation gets its own generator
+holding its own active adapter, so requests for different adapters never mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+from slmops.bundle import BundleError, read_manifest
+
+# onnxruntime-genai's names for the providers a bundle can target, and how to ask whether it has them.
+_PROVIDERS = {
+    "CPUExecutionProvider": (None, None),
+    "CUDAExecutionProvider": ("cuda", "is_cuda_available"),
+    "DmlExecutionProvider": ("dml", "is_dml_available"),
+    "WebGpuExecutionProvider": ("WebGPU", "is_webgpu_available"),
+    "QNNExecutionProvider": ("QNN", "is_qnn_available"),
+    "OpenVINOExecutionProvider": ("OpenVINO", "is_openvino_available"),
+}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding options. temperature 0 means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 50
+    seed: Optional[int] = None
+
+    def check(self) -> None:
+        problems = [
+            (self.max_new_tokens < 1, "max new tokens must be at least 1"),
+            (self.temperature < 0, "temperature must be >= 0 (0 is greedy)"),
+            (not 0 < self.top_p <= 1, "top-p must be in (0, 1]"),
+            (self.top_k < 1, "top-k must be at least 1"),
+        ]
+        for bad, why in problems:
+            if bad:
+                raise BundleError(f"bad sampling option: {why}")
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of sequence or stop string) or "length"
+    seconds: float
+    first_token_seconds: Optional[float] = None
+    tokens: list[int] = field(default_factory=list)
+
+
+class Runtime:
+    """A loaded bundle. Thread-safe: one generator per call, adapters loaded once."""
+
+    def __init__(self, bundle: Path, threads: Optional[int] = None):
+        from slmops.privacy import go_offline
+
+        go_offline()  # before onnxruntime-genai loads: its telemetry reads the environment
+        import onnxruntime_genai as og
+
+        self.path = Path(bundle)
+        self.manifest = read_manifest(self.path)
+        self._og = og
+        config = og.Config(str(self.path))
+        _select_provider(og, config, self.manifest)
+        if threads:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                "intra_op_num_threads": int(threads)}}}}))
+        self.model = og.Model(config)
+        self.tokenizer = og.Tokenizer(self.model)
+        self.adapters = og.Adapters(self.model)
+        self._loaded: set[str] = set()
+        self._lock = threading.Lock()
+        self.context_length = _context_length(self.path)
+        ids = self.tokenizer.eos_token_ids
+        self._eos = {int(i) for i in (ids if hasattr(ids, "__iter__") else [ids])}
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.manifest["adapters"])
+
+    def load_adapter(self, name: str) -> None:
+        with self._lock:
+            if name in self._loaded:
+                return
+            if name not in self.manifest["adapters"]:
+                known = ", ".join(self.adapter_names) or "none"
+                raise BundleError(f"unknown adapter '{name}'; this bundle has: {known}")
+            path = self.path / self.manifest["adapters"][name]["file"]  # from the manifest, never from the name
+            if not path.is_file():
+                raise BundleError(f"adapter file {path} is missing; run `slmops verify {self.path}`")
+            self.adapters.load(str(path), name)
+            self._loaded.add(name)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The model's own chat template applied to the messages, ready for the assistant's turn."""
+        return self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def stream(self, prompt: str, adapter: Optional[str] = None, sampling: Sampling = Sampling(),
+               stop: tuple[str, ...] = (), result: Optional[Completion] = None) -> Iterator[str]:
+        """Yield the completion of a raw prompt piece by piece; `result` (if given) is filled in at the end."""
+        og = self._og
+        sampling.check()
+        tokens = self.encode(prompt)
+        budget = self.context_length - len(tokens)
+        if budget < 1:
+            raise BundleError(f"prompt is {len(tokens)} tokens, the model's context is {self.context_length}; "
+                              "shorten the prompt")
+        params = og.GeneratorParams(self.model)
+        options = dict(max_length=len(tokens) + min(sampling.max_new_tokens, budget),
+                       do_sample=sampling.temperature > 0)
+        if sampling.temperature > 0:
+            options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        if sampling.seed is not None:
+            options["random_seed"] = sampling.seed
+        params.set_search_options(**options)
+        generator = og.Generator(self.model, params)
+        if adapter:
+            self.load_adapter(adapter)
+            generator.set_active_adapter(self.adapters, adapter)
+        decoder = self.tokenizer.create_stream()
+        start, first, out, text = time.perf_counter(), None, [], ""
+        generator.append_tokens(tokens)
+        finish = "length"
+        while not generator.is_done():
+            generator.generate_next_token()
+            token = generator.get_next_tokens()[0]
+            first = first if first is not None else time.perf_counter() - start
+            if token in self._eos:
+                finish = "stop"
+                break
+            out.append(token)
+            piece = decoder.decode(token)
+            text += piece
+            hit = _first_stop(text, stop)
+            if hit is not None:
+                piece = piece[: max(0, len(piece) - (len(text) - hit))]
+                text = text[:hit]
+                finish = "stop"
+                if piece:
+                    yield piece
+                break
+            if piece:
+                yield piece
+        if finish == "length" and len(tokens) + len(out) < options["max_length"]:
+            finish = "stop"  # the generator ended on its own: an end-of-sequence token
+        del generator
+        if result is not None:
+            result.text, result.prompt_tokens, result.completion_tokens = text, len(tokens), len(out)
+            result.finish_reason, result.seconds = finish, time.perf_counter() - start
+            result.first_token_seconds, result.tokens = first, out
+
+    def generate(self, prompt: str, adapter: Optional[str] = None, sampling: Sampling = Sampling(),
+                 stop: tuple[str, ...] = ()) -> Completion:
+        result = Completion("", 0, 0, "length", 0.0)
+        for _ in self.stream(prompt, adapter, sampling, stop, result):
+            pass
+        return result
+
+
+def _first_stop(text: str, stop: tuple[str, ...]) -> Optional[int]:
+    hits = [text.find(s) for s in stop if s and s in text]
+    return min(hits) if hits else None
+
+
+def _context_length(path: Path) -> int:
+    config = json.loads((path / "genai_config.json").read_text())
+    return int(config["model"].get("context_length") or config.get("search", {}).get("max_length") or 2048)
+
+
+def _select_provider(og, config, manifest: dict) -> None:
+    """Run on the provider the bundle was built for; refuse one this onnxruntime-genai does not have."""
+    provider = manifest["target"]["execution_provider"]
+    name, probe = _PROVIDERS.get(provider, (provider, None))
+    if name is None:
+        return  # CPU: always there
+    if probe is None or not getattr(og, probe, lambda: False)():
+        raise BundleError(f"bundle '{manifest['target']['name']}' is built for {provider}, which this "
+                          f"onnxruntime-genai ({og.__version__ if hasattr(og, '__version__') else 'installed'}) "
+                          "cannot use here; run it on a machine with that device, or export for --target cpu")
+    config.clear_providers()
+    config.append_provider(name)
+
+
+def available_providers() -> list[str]:
+    """The execution providers onnxruntime-genai can use on this machine."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime_genai as og
+
+    return ["CPUExecutionProvider"] + [p for p, (_, probe) in _PROVIDERS.items()
+                                       if probe and getattr(og, probe, lambda: False)()]

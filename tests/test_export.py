@@ -1,0 +1,319 @@
+"""Export, bundle, verify and the runtime on a tiny random Llama, end to end through Olive and onnxruntime-genai."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from slmops.cli import cli
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def run(*args, input=None):
+    result = CliRunner().invoke(cli, [str(a) for a in args], input=input)
+    return result.exit_code, (result.stdout if result.exit_code == 0 else result.output).strip()
+
+
+def make_adapter(model: Path, out: Path, r: int, modules: list[str], seed: int, std: float = 0.02) -> Path:
+    """A PEFT LoRA on `model` whose B is non-zero (a trained adapter's size of change), saved to `out`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model),
+                          LoraConfig(r=r, lora_alpha=2 * r, target_modules=modules, task_type="CAUSAL_LM"))
+    for name, tensor in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(tensor, std=std)
+    peft.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {"qv": make_adapter(tiny_model, root / "qv", 4, ["q_proj", "v_proj"], seed=1),
+            "all": make_adapter(tiny_model, root / "all", 8, ALL, seed=2)}
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_model, adapters, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "int4"
+    code, output = run("export", "-m", tiny_model, "-a", f"qv={adapters['qv']}", "-a", f"all={adapters['all']}",
+                       "-o", out)
+    assert code == 0, output
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp32_bundle(tiny_model, adapters, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "fp32"
+    code, output = run("export", "-m", tiny_model, "-a", f"qv={adapters['qv']}", "-a", f"all={adapters['all']}",
+                       "-p", "fp32", "-o", out)
+    assert code == 0, output
+    return out
+
+
+def test_bundle_layout_and_manifest(bundle, tiny_model):
+    names = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()}
+    assert {"model.onnx", "genai_config.json", "tokenizer.json", "olive_config.json", "README.md", "slmops.json",
+            "adapters/qv.onnx_adapter", "adapters/all.onnx_adapter"} <= names
+    assert not any(p.name.startswith(".slmops-partial-") for p in bundle.parent.iterdir())
+    manifest = json.loads((bundle / "slmops.json").read_text())
+    assert set(manifest["files"]) == names - {"slmops.json"}
+    assert manifest["quantization"]["precision"] == "int4"
+    assert manifest["target"]["execution_provider"] == "CPUExecutionProvider"
+    assert manifest["adapters"]["qv"]["rank"] == 4 and manifest["adapters"]["all"]["rank"] == 8
+    assert manifest["lora_inputs"]["modules"] == sorted(ALL)
+    assert manifest["versions"]["olive-ai"] and manifest["versions"]["onnxruntime-genai"]
+    assert "| qv | 4 | q_proj, v_proj |" in (bundle / "README.md").read_text()
+    olive = json.loads((bundle / "olive_config.json").read_text())
+    assert [p["type"] for p in olive["passes"].values()] == ["ModelBuilder", "ExtractAdapters"]
+
+
+def test_lora_stays_float_and_base_is_int4(bundle):
+    import onnx
+
+    graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
+    ops = {n.name: n.op_type for n in graph.node}
+    lora = [name for name in ops if "/lora_" in name and name.endswith("/MatMul")]
+    assert len(lora) == 2 * 2 * len(ALL) and all(ops[n] == "MatMul" for n in lora)
+    assert sum(op == "MatMulNBits" for op in ops.values()) >= 2 * len(ALL)
+
+
+def test_adapter_tensors_match_graph_inputs(bundle):
+    import onnx
+    import onnxruntime as ort
+
+    graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
+    inputs = {i.name for i in graph.input if ".lora_" in i.name}
+    for name, rank in (("qv", 4), ("all", 8)):
+        params = ort.AdapterFormat.read_adapter(str(bundle / f"adapters/{name}.onnx_adapter")).get_parameters()
+        assert set(params) == inputs  # padded: every LoRA input of the graph, one rank per adapter
+        assert {v.shape()[1] for k, v in params.items() if ".lora_A." in k} == {rank}
+    params = ort.AdapterFormat.read_adapter(str(bundle / "adapters/qv.onnx_adapter")).get_parameters()
+    assert not params["model.layers.0.mlp.up_proj.lora_B.MatMul.weight"].numpy().any()  # qv has no MLP LoRA
+
+
+def test_each_adapter_generates_differently(bundle):
+    from slmops.runtime import Runtime, Sampling
+
+    rt = Runtime(bundle)
+    prompt = rt.chat_prompt([{"role": "user", "content": "Tell me about the sea"}])
+    sampling = Sampling(max_new_tokens=12, temperature=1.0, seed=3)  # a random model's greedy text is degenerate
+    outputs = {name: rt.generate(prompt, name, sampling).tokens for name in (None, "qv", "all")}
+    assert len({tuple(t) for t in outputs.values()}) == 3
+    assert rt.generate(prompt, None, sampling).tokens == outputs[None]  # switching back is clean
+
+
+def test_generate_cli_and_sampling_seed(bundle):
+    args = ("generate", bundle, "-a", "qv", "-p", "hello", "--max-new-tokens", "8", "--json")
+    code, out = run(*args, "--temperature", "1.0", "--seed", "7")
+    assert code == 0, out
+    again = run(*args, "--temperature", "1.0", "--seed", "7")[1]
+    assert json.loads(out)["text"] == json.loads(again)["text"]
+    result = json.loads(out)
+    assert result["adapter"] == "qv" and 1 <= result["completion_tokens"] <= 8
+
+
+def test_stop_string_cuts_the_completion(bundle):
+    from slmops.runtime import Runtime, Sampling
+
+    rt = Runtime(bundle)
+    full = rt.generate("the", None, Sampling(max_new_tokens=16))
+    assert len(full.text) > 4
+    stop = full.text[2:4]
+    cut = rt.generate("the", None, Sampling(max_new_tokens=16), stop=(stop,))
+    assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
+
+
+def test_chat_switches_adapters(bundle):
+    result = CliRunner().invoke(cli, ["chat", str(bundle), "--max-new-tokens", "4"],
+                                input="hi\n/adapter qv\nhi\n/adapter nope\n/quit\n")
+    out = result.output  # stdout and stderr
+    assert result.exit_code == 0, out
+    assert "qv> " in out and "Error: unknown adapter 'nope'; this bundle has: qv, all" in out
+
+
+def test_verify_passes_and_fp32_parity(fp32_bundle):
+    code, out = run("verify", fp32_bundle, "--parity", "--json")
+    assert code == 0, out
+    report = json.loads(out)["parity"]
+    assert [r["name"] for r in report["rows"]] == ["base", "qv", "all"]
+    assert all(r["max_abs_diff"] <= 1e-3 for r in report["rows"])
+    assert all(r["agreement"] == 1.0 for r in report["rows"])
+
+
+def test_int4_parity_adapters_track_the_base(bundle):
+    code, out = run("verify", bundle, "--parity")
+    assert code == 0, out
+    assert "result: pass" in out and "top-1 agree" in out
+
+
+def test_tampered_or_missing_file_fails_verify(bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    target = copy / "adapters" / "qv.onnx_adapter"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 1
+    target.write_bytes(bytes(data))
+    (copy / "tokenizer_config.json").unlink()
+    code, out = run("verify", copy)
+    assert code == 2
+    assert out == (f"Error: bundle {copy} fails verification: changed: adapters/qv.onnx_adapter; missing: "
+                   "tokenizer_config.json; re-export it (or restore the files)")
+
+
+def test_into_adds_an_adapter_without_rebuilding(bundle, tiny_model, tmp_path):
+    from slmops.files import file_sha256
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    before = file_sha256(copy / "model.onnx")
+    new = make_adapter(tiny_model, tmp_path / "new", 2, ["k_proj"], seed=5)
+    code, out = run("export", "--into", copy, "-a", f"new={new}")
+    assert code == 0, out
+    assert file_sha256(copy / "model.onnx") == before
+    assert run("verify", copy)[0] == 0
+    code, out = run("generate", copy, "-a", "new", "-p", "hi", "--max-new-tokens", "4", "--json")
+    assert code == 0, out
+    code, out = run("export", "--into", copy, "-a", f"new={new}")
+    assert code == 2 and "already has adapter(s) new" in out
+
+
+def test_into_refuses_module_the_graph_lacks(tiny_model, adapters, tmp_path):
+    out = tmp_path / "qv-only"
+    assert run("export", "-m", tiny_model, "-a", f"qv={adapters['qv']}", "-p", "fp32", "-o", out)[0] == 0
+    code, msg = run("export", "--into", out, "-a", f"all={adapters['all']}")
+    assert code == 2
+    assert msg.startswith("Error: adapter 'all' trains ") and "export again with this adapter" in msg
+    assert not (out / "adapters" / "all.onnx_adapter").exists()
+    assert run("verify", out)[0] == 0
+
+
+def test_adapter_of_another_base_is_refused(tiny_model, tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "other"
+    LlamaForCausalLM(LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
+    torch.manual_seed(0)
+    foreign = make_adapter(other, tmp_path / "foreign", 4, ["q_proj"], seed=3)
+    code, out = run("export", "-m", tiny_model, "-a", f"foreign={foreign}", "-o", tmp_path / "b")
+    assert code == 2
+    assert out == (f"Error: adapter 'foreign' does not fit base '{tiny_model}': layer 0 q_proj lora_A has shape "
+                   "[4, 32], the base needs [r, 64]; it was trained on another model")
+    assert not (tmp_path / "b").exists()
+
+
+def test_recorded_base_fingerprint_is_checked(tiny_model, adapters, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(adapters["qv"], run_dir / "adapter")
+    (run_dir / "run.json").write_text(json.dumps({"model": {"name": "some-other-model", "sha256": "ab" * 32}}))
+    code, out = run("export", "-m", tiny_model, "-a", f"qv={run_dir}", "-o", tmp_path / "b")
+    assert code == 2 and out.startswith("Error: adapter 'qv' was trained on some-other-model")
+
+
+@pytest.mark.parametrize("target,extra", [
+    ("cuda", ["-p", "fp16"]), ("webgpu", []), ("dml", ["--merge", "qv"]), ("qnn", ["--merge", "qv"]),
+    ("openvino", ["--merge", "qv"]), ("vitisai", ["--merge", "qv"]),
+])
+def test_targets_render_and_validate(tiny_model, adapters, tmp_path, target, extra):
+    out = tmp_path / target
+    code, msg = run("export", "-m", tiny_model, "-a", f"qv={adapters['qv']}", "-t", target, *extra, "--dry-run",
+                    "-o", out)
+    assert code == 0, msg
+    config = json.loads((out / ("olive_config.json" if "--merge" not in extra else "merged/qv/olive_config.json")).read_text())
+    assert config["systems"]["local_system"]["accelerators"][0]["execution_providers"][0].lower().startswith(
+        {"cuda": "cuda", "webgpu": "webgpu", "dml": "dml", "qnn": "qnn", "openvino": "openvino",
+         "vitisai": "vitisai"}[target])
+    assert not (out / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("target", ["dml", "qnn"])
+def test_targets_without_adapters_say_so_up_front(tiny_model, adapters, tmp_path, target):
+    code, out = run("export", "-m", tiny_model, "-a", f"qv={adapters['qv']}", "-t", target, "-o", tmp_path / "b")
+    assert code == 2 and f"target {target} cannot switch adapters at run time" in out and "--merge qv" in out
+    assert not (tmp_path / "b").exists()
+
+
+def test_merged_variant_matches_the_adapter(tiny_model, adapters, tmp_path):
+    from slmops.runtime import Runtime, Sampling
+
+    out = tmp_path / "b"
+    code, msg = run("export", "-m", tiny_model, "-a", f"qv={adapters['qv']}", "-p", "fp32", "--merge", "qv",
+                    "--hf-merged", "-o", out)
+    assert code == 0, msg
+    assert (out / "hf" / "qv" / "config.json").is_file()
+    import onnxruntime_genai as og
+
+    model = og.Model(str(out / "merged" / "qv"))
+    params = og.GeneratorParams(model)
+    rt = Runtime(out)
+    prompt = rt.encode("the sea")
+    params.set_search_options(max_length=len(prompt) + 8, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    tokens = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    assert tokens[:6] == rt.generate("the sea", "qv", Sampling(max_new_tokens=8)).tokens[:6]
+
+
+def test_failed_export_leaves_nothing(tiny_model, adapters, tmp_path, monkeypatch):
+    from slmops import export as export_mod
+
+    def boom(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_mod, "_run_olive", boom)
+    result = CliRunner().invoke(cli, ["export", "-m", str(tiny_model), "-a", f"qv={adapters['qv']}", "-o",
+                                      str(tmp_path / "b")])
+    assert result.exit_code != 0  # click turns the interrupt into Abort
+    assert list(tmp_path.iterdir()) == []  # no bundle, no partial folder
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-a", "qv=/nonexistent"], "adapter 'qv': '/nonexistent' has no adapter_config.json; pass a PEFT adapter "
+                                "folder or an `slmops finetune` output folder"),
+    (["-a", "bad name=/x"], "--adapter 'bad name=/x': expected NAME=PATH with a NAME of letters, digits, '-', "
+                            "'_' or '.'"),
+    (["-t", "cpu", "-p", "fp16"], "target cpu does not take precision fp16; use one of int4, int8, fp32"),
+    (["--lora-modules", "lm_head"], "--lora-modules lm_head is not a linear layer the exporter handles; choose "
+                                    "from q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"),
+])
+def test_bad_export_input(tiny_model, tmp_path, args, message):
+    code, out = run("export", "-m", tiny_model, *args, "-o", tmp_path / "b")
+    assert (code, out) == (2, f"Error: {message}")
+    assert not (tmp_path / "b").exists()
+
+
+def test_export_conflicting_flags(bundle, tmp_path):
+    code, out = run("export", "--into", bundle, "-a", "x=/y", "-o", tmp_path / "b")
+    assert (code, out) == (2, "Error: --into and -o conflict: --into adds to an existing bundle, -o builds a new "
+                              "one; pass one")
+    code, out = run("export", "--into", bundle, "-a", "x=/y", "-p", "fp32")
+    assert code == 2 and "--into only adds adapters" in out
+
+
+def test_runtime_errors(bundle, tmp_path):
+    assert run("generate", tmp_path / "nope", "-p", "hi") == (
+        2, f"Error: bundle '{tmp_path / 'nope'}' not found; pass the folder `slmops export -o` wrote")
+    code, out = run("generate", bundle, "-a", "nope", "-p", "hi")
+    assert (code, out) == (2, "Error: unknown adapter 'nope'; this bundle has: qv, all")
+    cuda = tmp_path / "cuda"
+    shutil.copytree(bundle, cuda)
+    manifest = json.loads((cuda / "slmops.json").read_text())
+    manifest["target"].update(name="cuda", execution_provider="CUDAExecutionProvider")
+    (cuda / "slmops.json").write_text(json.dumps(manifest))
+    import onnxruntime_genai as og
+
+    if not og.is_cuda_available():
+        code, out = run("generate", cuda, "-p", "hi")
+        assert code == 2 and "is built for CUDAExecutionProvider, which this onnxruntime-genai" in out
