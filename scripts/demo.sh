@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The main job on the embedded default model, with few steps so that it runs in minutes on a CPU:
-# a LoRA SFT of SmolLM2-135M-Instruct on H4rmony and a DPO adapter on hh-rlhf, both through
-# Olive, then a held-out preference evaluation of the DPO adapter. Export, generate and bench
-# join this script as they land. Data: $SLMOPS_DATA_DIR (default ../shared/data beside the repo).
+# two LoRA SFT adapters of SmolLM2-135M-Instruct on H4rmony (r=16 on q/k/v/o, and r=8 on q/v) and a
+# DPO adapter on hh-rlhf, all through Olive; a held-out preference evaluation of the DPO adapter;
+# one int4 CPU bundle with the three adapters (Olive's model builder + adapter extraction); verify
+# with parity against PyTorch; a reply from the base and from each adapter, with its speed.
+# Data: $SLMOPS_DATA_DIR (default ../shared/data beside the repo).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 export SLMOPS_DATA_DIR="${SLMOPS_DATA_DIR:-$here/../shared/data}"
@@ -12,8 +14,30 @@ dpo_steps="${SLMOPS_DEMO_DPO_STEPS:-8}"
 
 slmops finetune --recipe "$here/recipes/smollm2-135m-sft-h4rmony.yaml" \
   --set training.max_steps="$sft_steps" -o "$out/sft-h4rmony"
+slmops finetune --recipe "$here/recipes/smollm2-135m-sft-h4rmony.yaml" \
+  --set training.max_steps="$sft_steps" --set lora.r=8 --set "lora.target_modules=[q_proj, v_proj]" \
+  --set training.learning_rate=4e-4 -o "$out/sft-h4rmony-qv"
 slmops finetune --recipe "$here/recipes/smollm2-135m-dpo-hh.yaml" \
   --set dpo.max_steps="$dpo_steps" --set dpo.data.eval_max_samples=20 -o "$out/dpo-hh"
 slmops eval --recipe "$here/recipes/smollm2-135m-dpo-hh.yaml" --adapter "$out/dpo-hh/adapter" \
   --limit 60 --dtype bfloat16
+
+slmops export -a sft="$out/sft-h4rmony" -a sft-qv="$out/sft-h4rmony-qv" -a dpo="$out/dpo-hh" \
+  --target cpu --precision int4 -o "$out/bundle"
+slmops verify "$out/bundle" --parity
+
+prompt="How can I make my home more energy efficient?"
+table="adapter   tokens  seconds  tok/s"
+for adapter in base sft sft-qv dpo; do
+  flag=(); [ "$adapter" = base ] || flag=(--adapter "$adapter")
+  json="$(slmops generate "$out/bundle" "${flag[@]}" --prompt "$prompt" --max-new-tokens 64 --json)"
+  python3 - "$adapter" "$json" <<'PY'
+import json, sys
+r = json.loads(sys.argv[2])
+print(f"--- {sys.argv[1]}: {r['text'].strip()}\n")
+PY
+  table+=$'\n'"$(python3 -c 'import json,sys; r=json.loads(sys.argv[2]); print(f"{sys.argv[1]:<9} {r[\"completion_tokens\"]:>6} {r[\"seconds\"]:>8.2f} {r[\"completion_tokens\"]/r[\"seconds\"]:>6.0f}")' "$adapter" "$json")"
+done
+echo "onnxruntime-genai, int4 CPU bundle, $(nproc) cores (prefill + decode):"
+echo "$table"
 echo "demo outputs: $out"

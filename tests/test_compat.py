@@ -42,3 +42,25 @@ def test_olive_still_drops_warmup_ratio_under_transformers_5():
     args = HFTrainingArguments(output_dir="unused", warmup_ratio=0.5).create_training_args()
     assert args.warmup_steps == 0
     assert HFTrainingArguments(output_dir="unused", extra_args={"warmup_steps": 0.5}).create_training_args().warmup_steps == 0.5
+
+
+def test_olive_model_builder_still_needs_onnxruntime_genai_0_14():
+    """Why pyproject pins onnxruntime-genai==0.14.1: Olive's ModelBuilder pass imports
+    `onnxruntime_genai.models.quantized_model` (gone in 0.16+) and calls create_model without
+    parse_extra_options (needed from 0.15). Fails once Olive changes that code: then try a newer
+    onnxruntime-genai and drop the pin."""
+    import inspect
+
+    from olive.passes.onnx import model_builder
+
+    source = inspect.getsource(model_builder)
+    assert "onnxruntime_genai.models.quantized_model" in source
+    assert "parse_extra_options" not in source
+
+
+def test_pinned_onnxruntime_genai_has_what_olive_imports():
+    import importlib
+    from importlib.metadata import version
+
+    assert version("onnxruntime-genai") == "0.14.1"
+    importlib.import_module("onnxruntime_genai.models.quantized_model")

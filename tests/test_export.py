@@ -154,6 +154,19 @@ def test_int4_parity_adapters_track_the_base(bundle):
     assert "result: pass" in out and "top-1 agree" in out
 
 
+def test_int8_bundle_runs_and_tracks_the_base(tiny_model, adapters, tmp_path):
+    out = tmp_path / "int8"
+    code, msg = run("export", "-m", tiny_model, "-a", f"qv={adapters['qv']}", "-p", "int8", "-o", out)
+    assert code == 0, msg
+    olive = json.loads((out / "olive_config.json").read_text())
+    assert olive["passes"]["int8"]["bits"] == 8 and olive["passes"]["int8"]["nodes_to_exclude"]
+    code, msg = run("verify", out, "--parity", "--json")
+    assert code == 0, msg
+    base, qv = json.loads(msg)["parity"]["rows"]
+    assert base["agreement"] >= 0.95 and qv["agreement"] >= base["agreement"] - 0.05
+    assert run("generate", out, "-a", "qv", "-p", "hi", "--max-new-tokens", "4")[0] == 0
+
+
 def test_tampered_or_missing_file_fails_verify(bundle, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
@@ -243,27 +256,24 @@ def test_targets_without_adapters_say_so_up_front(tiny_model, adapters, tmp_path
 
 
 def test_merged_variant_matches_the_adapter(tiny_model, adapters, tmp_path):
-    from slmops.runtime import Runtime, Sampling
-
     out = tmp_path / "b"
     code, msg = run("export", "-m", tiny_model, "-a", f"qv={adapters['qv']}", "-p", "fp32", "--merge", "qv",
                     "--hf-merged", "-o", out)
     assert code == 0, msg
-    assert (out / "hf" / "qv" / "config.json").is_file()
-    import onnxruntime_genai as og
-
-    model = og.Model(str(out / "merged" / "qv"))
-    params = og.GeneratorParams(model)
-    rt = Runtime(out)
-    prompt = rt.encode("the sea")
-    params.set_search_options(max_length=len(prompt) + 8, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    tokens = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        tokens.append(int(gen.get_next_tokens()[0]))
-    assert tokens[:6] == rt.generate("the sea", "qv", Sampling(max_new_tokens=8)).tokens[:6]
+    assert (out / "hf" / "qv" / "config.json").is_file() and (out / "merged" / "qv" / "model.onnx").is_file()
+    code, msg = run("verify", out, "--parity", "--json")
+    assert code == 0, msg
+    rows = {r["name"]: r for r in json.loads(msg)["parity"]["rows"]}
+    assert set(rows) == {"base", "qv", "merged:qv"} and rows["merged:qv"]["max_abs_diff"] <= 1e-3
+    texts = {}
+    for flags in (["-a", "qv"], ["--merged", "qv"]):
+        code, msg = run("generate", out, *flags, "-p", "the sea", "--max-new-tokens", "8", "--temperature", "1",
+                        "--seed", "4", "--json")
+        assert code == 0, msg
+        texts[flags[0]] = json.loads(msg)["text"]
+    assert texts["-a"] == texts["--merged"]
+    code, msg = run("generate", out, "--merged", "nope", "-p", "x")
+    assert (code, msg) == (2, "Error: unknown merged variant 'nope'; this bundle has: qv")
 
 
 def test_failed_export_leaves_nothing(tiny_model, adapters, tmp_path, monkeypatch):
@@ -292,6 +302,23 @@ def test_bad_export_input(tiny_model, tmp_path, args, message):
     code, out = run("export", "-m", tiny_model, *args, "-o", tmp_path / "b")
     assert (code, out) == (2, f"Error: {message}")
     assert not (tmp_path / "b").exists()
+
+
+def test_recipe_picks_its_newest_finetune_output(tiny_model, adapters, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: tiny\nmodel:\n  name: {tiny_model}\ndata:\n  file: x.jsonl\n"
+                      "export:\n  precision: fp32\n")
+    code, out = run("export", "--recipe", recipe, "-o", "b")
+    assert (code, out) == (2, "Error: no adapter given and no finetune output of recipe tiny under outputs/; run "
+                              "`slmops finetune --recipe tiny` first, or pass --adapter NAME=PATH")
+    for stamp in ("20260101-000000", "20260102-000000"):
+        shutil.copytree(adapters["qv"], tmp_path / "outputs" / f"tiny-{stamp}" / "adapter")
+    code, out = run("export", "--recipe", recipe, "-o", "b", "--json")
+    assert code == 0, out
+    manifest = json.loads((tmp_path / "b" / "slmops.json").read_text())
+    assert manifest["quantization"]["precision"] == "fp32"  # from the recipe's export section
+    assert manifest["adapters"]["tiny"]["source"].endswith("tiny-20260102-000000/adapter")
 
 
 def test_export_conflicting_flags(bundle, tmp_path):

@@ -75,3 +75,28 @@ def test_sft_then_dpo_recipe_on_smollm2(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m-instruct").path)
     tuned = PeftModel.from_pretrained(model, out / "adapter")
     assert any("lora_B" in name and p.abs().sum() > 0 for name, p in tuned.named_parameters())
+
+
+def test_export_int4_bundle_generates_and_verifies(smollm2_run, tmp_path):
+    """The trained adapter through Olive's export: an int4 bundle whose adapter changes the reply
+    and whose adapter path tracks the base's fidelity."""
+    out, _ = smollm2_run
+    bundle = tmp_path / "bundle"
+    result = CliRunner().invoke(cli, ["export", "-a", f"sft={out}", "-o", str(bundle)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((bundle / "slmops.json").read_text())
+    assert manifest["adapters"]["sft"]["recipe"] == "smollm2-135m-sft-h4rmony"
+    assert manifest["adapters"]["sft"]["metrics"]["sft"]["steps"] == 20
+
+    replies = {}
+    for adapter in ([], ["-a", "sft"]):
+        result = CliRunner().invoke(cli, ["generate", str(bundle), *adapter, "-p", PROMPT[0]["content"],
+                                          "--max-new-tokens", "24", "--json"])
+        assert result.exit_code == 0, result.output
+        replies[bool(adapter)] = json.loads(result.stdout)["text"]
+    assert replies[True] != replies[False] and all(len(t.split()) >= 5 for t in replies.values()), replies
+
+    result = CliRunner().invoke(cli, ["verify", str(bundle), "--parity", "--json"])
+    assert result.exit_code == 0, result.output
+    base, sft = json.loads(result.stdout)["parity"]["rows"]
+    assert base["agreement"] > 0.6 and sft["agreement"] >= base["agreement"] - 0.05

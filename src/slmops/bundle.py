@@ -57,7 +57,8 @@ def new_manifest(req, adapters, modules: set[str], n_layers: int, result) -> dic
                          "lora": "float32, not quantized"},
         "lora_inputs": {"modules": sorted(modules), "layers": n_layers if modules else 0},
         "adapters": result.adapters,
-        "merged": {name: {"folder": f"merged/{name}", "hf_folder": f"hf/{name}" if req.hf_merged else None}
+        "merged": {name: {"folder": f"merged/{name}", "hf_folder": f"hf/{name}" if req.hf_merged else None,
+                          "source": str(next(a.path for a in adapters if a.name == name))}
                    for name in result.merged},
         "export_seconds": result.seconds,
         "versions": versions(),

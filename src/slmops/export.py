@@ -62,7 +62,7 @@ class Quantization:
     def describe(self) -> str:
         if self.precision == "int4":
             return f"int4 {self.int4_algo}, block {self.block_size}, accuracy level {self.accuracy_level}"
-        return self.precision + (f" rtn, block {self.block_size}" if self.precision == "int8" else "")
+        return self.precision + (f" k_quant, block {self.block_size}" if self.precision == "int8" else "")
 
 
 @dataclass
@@ -102,8 +102,10 @@ def render_export(model_path: str, target: Target, quant: Quantization, adapter_
         if lora_nodes:
             builder["int4_nodes_to_exclude"] = list(lora_nodes)  # LoRA stays float, so adapters stay swappable
     passes = {"builder": builder}
-    if quant.precision == "int8":  # the builder has no int8: 8-bit block-wise RTN on the fp32 graph
-        passes["int8"] = {"type": "OnnxBlockWiseRtnQuantization", "bits": 8, "block_size": quant.block_size,
+    if quant.precision == "int8":
+        # The builder has no int8: Olive's 8-bit k-quant on the fp32 graph. (Its block-wise RTN pass
+        # renames the graph output `logits` to `logits_Q8`, which onnxruntime-genai cannot run.)
+        passes["int8"] = {"type": "OnnxKQuantQuantization", "bits": 8, "block_size": quant.block_size,
                           "accuracy_level": quant.accuracy_level, "nodes_to_exclude": list(lora_nodes)}
     if adapter_path:
         passes["adapters"] = {"type": "ExtractAdapters", "make_inputs": True, "dynamic_lora_r": True,
@@ -136,7 +138,14 @@ def lora_nodes(modules: set[str], n_layers: int) -> tuple[str, ...]:
 # Export
 
 
-def check_request(req: ExportRequest) -> list[lora.Adapter]:
+@dataclass
+class Checked:
+    adapters: list[lora.Adapter]
+    n_layers: int
+    shapes: dict[tuple[int, str], tuple[int, int]]
+
+
+def check_request(req: ExportRequest) -> Checked:
     """Everything that can be refused before building: target limits, adapters that do not fit."""
     t, q = req.target, req.quant
     if q.precision not in t.precisions:
@@ -160,7 +169,7 @@ def check_request(req: ExportRequest) -> list[lora.Adapter]:
     if bad:
         raise RunError(f"--lora-modules {', '.join(bad)} is not a linear layer the exporter handles; "
                        f"choose from {', '.join(lora.MODULES)}")
-    return adapters
+    return Checked(adapters, n_layers, shapes)
 
 
 def _check_base(adapter: lora.Adapter, model: ResolvedModel, fingerprint: str) -> None:
@@ -190,10 +199,10 @@ def export(req: ExportRequest, output: Path, dry_run: bool = False, progress=Non
     from slmops.olive_config import validate_with_olive
 
     start = time.monotonic()
-    adapters = check_request(req)
-    run_time = [a for a in adapters if a.name not in req.merge] if not req.target.adapters else adapters
+    checked = check_request(req)
+    adapters, n_layers, shapes = checked.adapters, checked.n_layers, checked.shapes
+    run_time = adapters if req.target.adapters else []  # the rest are only merged
     modules = graph_modules(req, run_time) if req.target.adapters else set()
-    n_layers, shapes = lora.base_shapes(req.model.path)
     result = ExportResult(str(output), dry_run, req.target.name, req.quant.describe())
     with atomic_dir(output) as tmp:
         work = tmp / ".work"
@@ -276,21 +285,15 @@ def _copy_model(src: Path, dest: Path) -> None:
 
 
 def graph_lora_inputs(model_file: Path) -> dict[str, tuple[int, int]]:
-    """Every LoRA input of the graph -> (in, out) of its MatMul, from the graph's shapes (r is symbolic)."""
+    """Every LoRA input of the graph -> its fixed size: (in, 0) for lora_A [in, r], (0, out) for lora_B [r, out]."""
     import onnx
 
     graph = onnx.load(str(model_file), load_external_data=False).graph
-    dims = {}
+    inputs = {}
     for value in graph.input:
         if ".lora_" in value.name:
-            d = [x.dim_value or x.dim_param for x in value.type.tensor_type.shape.dim]
-            dims[value.name] = d
-    inputs = {}
-    for name, d in dims.items():
-        if ".lora_A." in name:
-            inputs[name] = (int(d[0]), 0)
-        else:
-            inputs[name] = (0, int(d[1]))
+            rows, cols = (d.dim_value for d in value.type.tensor_type.shape.dim)  # r is symbolic: dim_value 0
+            inputs[value.name] = (rows, 0) if ".lora_A." in value.name else (0, cols)
     return inputs
 
 

@@ -55,9 +55,7 @@ def check_parity(bundle: Path, manifest: dict, model_path: Path, adapter_paths: 
     tokenizer = AutoTokenizer.from_pretrained(str(bundle))
     sequences = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
     sequences = [s for s in sequences if len(s) >= 2]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    session = _session(bundle / "model.onnx")
     torch_model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval()
     precision = manifest["quantization"]["precision"]
     report = ParityReport(precision, len(sequences))
@@ -71,11 +69,23 @@ def check_parity(bundle: Path, manifest: dict, model_path: Path, adapter_paths: 
             peft_model.load_adapter(str(adapter_paths[name]), adapter_name=name)
         for name in names:
             peft_model.set_adapter(name)
-            lora = ort.LoraAdapter()
-            lora.Load(str(bundle / manifest["adapters"][name]["file"]))
-            report.rows.append(_compare(name, session, lora, peft_model, sequences))
+            if name in manifest["adapters"]:
+                lora = ort.LoraAdapter()
+                lora.Load(str(bundle / manifest["adapters"][name]["file"]))
+                report.rows.append(_compare(name, session, lora, peft_model, sequences))
+            if name in (manifest.get("merged") or {}):  # the merged variant must match the same PEFT model
+                merged = _session(bundle / manifest["merged"][name]["folder"] / "model.onnx")
+                report.rows.append(_compare(f"merged:{name}", merged, None, peft_model, sequences))
     _judge(report)
     return report
+
+
+def _session(model_file: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
 
 
 def _compare(name: str, session, lora, torch_model, sequences: list[list[int]]) -> Parity:
@@ -130,12 +140,13 @@ def _judge(report: ParityReport) -> None:
 
 def adapter_sources(manifest: dict, overrides: dict[str, Path]) -> dict[str, Path]:
     """The PEFT folder of every adapter in the bundle: --adapter overrides, else where export found it."""
-    unknown = sorted(set(overrides) - set(manifest["adapters"]))
+    records = {**(manifest.get("merged") or {}), **manifest["adapters"]}
+    unknown = sorted(set(overrides) - set(records))
     if unknown:
         raise BundleError(f"--adapter names {', '.join(unknown)}, which the bundle does not have; "
-                          f"it has {', '.join(manifest['adapters']) or 'none'}")
+                          f"it has {', '.join(records) or 'none'}")
     paths = {}
-    for name, record in manifest["adapters"].items():
+    for name, record in records.items():
         path = Path(overrides.get(name) or record.get("source") or "")
         if (path / "adapter" / "adapter_config.json").is_file():  # an `slmops finetune` output folder
             path = path / "adapter"

@@ -130,7 +130,7 @@ class ExportSection(Section):
     target: Literal["cpu", "cuda", "dml", "webgpu", "qnn", "openvino", "vitisai"] = Field(
         "cpu", description="Hardware the bundle is built for.")
     precision: Literal["int4", "int8", "fp16", "fp32"] = Field("int4", description="Precision of the base weights.")
-    int4_algo: Literal["rtn", "rtn_last", "k_quant", "k_quant_mixed", "k_quant_last"] = Field(
+    int4_algo: Literal["default", "rtn", "rtn_last", "k_quant", "k_quant_mixed", "k_quant_last"] = Field(
         "k_quant_mixed", description="int4 method of the model builder (k_quant_mixed: some layers and lm_head in int8).")
     block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="Quantization block size.")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="MatMulNBits accuracy level (4: int8 compute).")

@@ -63,7 +63,7 @@ class Completion:
 class Runtime:
     """A loaded bundle. Thread-safe: one generator per call, adapters loaded once."""
 
-    def __init__(self, bundle: Path, threads: Optional[int] = None):
+    def __init__(self, bundle: Path, threads: Optional[int] = None, merged: Optional[str] = None):
         from slmops.privacy import go_offline
 
         go_offline()  # before onnxruntime-genai loads: its telemetry reads the environment
@@ -72,7 +72,15 @@ class Runtime:
         self.path = Path(bundle)
         self.manifest = read_manifest(self.path)
         self._og = og
-        config = og.Config(str(self.path))
+        model_dir = self.path
+        if merged is not None:  # a merged variant: its own model, no adapters to switch
+            variants = self.manifest.get("merged") or {}
+            if merged not in variants:
+                raise BundleError(f"unknown merged variant '{merged}'; this bundle has: "
+                                  f"{', '.join(variants) or 'none (export with --merge NAME)'}")
+            model_dir = self.path / variants[merged]["folder"]
+            self.manifest = dict(self.manifest, adapters={})
+        config = og.Config(str(model_dir))
         _select_provider(og, config, self.manifest)
         if threads:
             config.overlay(json.dumps({"model": {"decoder": {"session_options": {
@@ -82,7 +90,7 @@ class Runtime:
         self.adapters = og.Adapters(self.model)
         self._loaded: set[str] = set()
         self._lock = threading.Lock()
-        self.context_length = _context_length(self.path)
+        self.context_length = _context_length(model_dir)
         ids = self.tokenizer.eos_token_ids
         self._eos = {int(i) for i in (ids if hasattr(ids, "__iter__") else [ids])}
 

@@ -29,7 +29,8 @@ def parse_named_paths(items: tuple[str, ...], flag: str) -> dict[str, Path]:
 
 
 @click.command("export")
-@click.option("-r", "--recipe", default=None, help="Recipe whose model and `export:` section to use.")
+@click.option("-r", "--recipe", default=None, help="Recipe whose model and `export:` section to use; without "
+              "--adapter, its newest finetune output under outputs/.")
 @click.option("-m", "--model", default=None, help="Base model: alias, local HF folder or hub id (default: the recipe's).")
 @click.option("-a", "--adapter", "adapters", multiple=True, metavar="NAME=PATH",
               help="A PEFT adapter or `slmops finetune` output folder; repeat for several.")
@@ -37,7 +38,7 @@ def parse_named_paths(items: tuple[str, ...], flag: str) -> dict[str, Path]:
               default=None, help="Hardware to build for (default cpu).")
 @click.option("-p", "--precision", type=click.Choice(["int4", "int8", "fp16", "fp32"]), default=None,
               help="Precision of the base weights (default int4); LoRA weights stay float32.")
-@click.option("--int4-algo", type=click.Choice(["rtn", "rtn_last", "k_quant", "k_quant_mixed", "k_quant_last"]),
+@click.option("--int4-algo", type=click.Choice(["default", "rtn", "rtn_last", "k_quant", "k_quant_mixed", "k_quant_last"]),
               default=None, help="int4 method (default k_quant_mixed: sensitive layers and lm_head in int8).")
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
               help="Quantization block size (default 32).")
@@ -62,6 +63,8 @@ def export_command(recipe, model, adapters, target, precision, int4_algo, block_
 
     named = parse_named_paths(adapters, "--adapter")
     r = load_recipe(recipe) if recipe else None
+    if r and not named and not into:
+        named = {r.name: _latest_run(r.name)}
     settings = r.export if r else ExportSection()
     model_name = model or (r.model.name if r else None)
     if into:
@@ -100,6 +103,15 @@ def export_command(recipe, model, adapters, target, precision, int4_algo, block_
         click.echo(f"  olive config  {output / cfg}")
     if not dry_run:
         click.echo(f"  time          {result.seconds:.1f} s\n  next          slmops generate {output} --prompt 'Hello'")
+
+
+def _latest_run(recipe_name: str) -> Path:
+    """The newest `slmops finetune` output of a recipe under outputs/ (its default output folder)."""
+    runs = sorted(p.parent for p in Path("outputs").glob(f"{recipe_name}-*/adapter/adapter_config.json"))
+    if not runs:
+        raise RunError(f"no adapter given and no finetune output of recipe {recipe_name} under outputs/; "
+                       f"run `slmops finetune --recipe {recipe_name}` first, or pass --adapter NAME=PATH")
+    return runs[-1]  # names end in a sortable timestamp
 
 
 def _refuse_with_into(output, *build_options) -> None:

@@ -30,17 +30,21 @@ def _sampling(max_new_tokens, temperature, top_p, top_k, seed):
 @click.command("generate")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("-a", "--adapter", default=None, help="Adapter name from the bundle (default: the base model).")
+@click.option("--merged", default=None, help="Run the bundle's merged variant NAME (export --merge NAME).")
 @click.option("-p", "--prompt", required=True, help="The user's message (or raw text with --raw).")
 @click.option("--system", default=None, help="A system message.")
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
 @click.option("--stream/--no-stream", default=True, help="Print tokens as they come.")
 @click.option("--json", "as_json", is_flag=True, help="Print the completion and its counts as JSON.")
 @sampling_options
-def generate_command(bundle, adapter, prompt, system, raw, stream, as_json, **sampling) -> None:
-    """Generate a reply from a bundle (base model or one adapter)."""
+def generate_command(bundle, adapter, merged, prompt, system, raw, stream, as_json, **sampling) -> None:
+    """Generate a reply from a bundle (base model, one adapter, or a merged variant)."""
+    from slmops.errors import RunError
     from slmops.runtime import Completion, Runtime
 
-    rt = Runtime(bundle)
+    if adapter and merged:
+        raise RunError("--adapter and --merged conflict: a merged variant has its adapter built in; pass one")
+    rt = Runtime(bundle, merged=merged)
     if adapter:
         rt.load_adapter(adapter)  # an unknown name fails before any work
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -51,7 +55,7 @@ def generate_command(bundle, adapter, prompt, system, raw, stream, as_json, **sa
         for _ in pieces:
             pass
         if as_json:
-            click.echo(json.dumps({"adapter": adapter, "text": result.text, "prompt_tokens": result.prompt_tokens,
+            click.echo(json.dumps({"adapter": adapter, "merged": merged, "text": result.text, "prompt_tokens": result.prompt_tokens,
                                    "completion_tokens": result.completion_tokens,
                                    "finish_reason": result.finish_reason, "seconds": round(result.seconds, 3)}))
         else:
