@@ -294,6 +294,7 @@ def test_failed_export_leaves_nothing(tiny_model, adapters, tmp_path, monkeypatc
                                 "folder or an `slmops finetune` output folder"),
     (["-a", "bad name=/x"], "--adapter 'bad name=/x': expected NAME=PATH with a NAME of letters, digits, '-', "
                             "'_' or '.'"),
+    (["--hf-merged"], "--hf-merged writes the HF weights of merged variants: add --merge NAME"),
     (["-t", "cpu", "-p", "fp16"], "target cpu does not take precision fp16; use one of int4, int8, fp32"),
     (["--lora-modules", "lm_head"], "--lora-modules lm_head is not a linear layer the exporter handles; choose "
                                     "from q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"),
@@ -344,3 +345,10 @@ def test_runtime_errors(bundle, tmp_path):
     if not og.is_cuda_available():
         code, out = run("generate", cuda, "-p", "hi")
         assert code == 2 and "is built for CUDAExecutionProvider, which this onnxruntime-genai" in out
+
+
+def test_export_and_generate_make_no_outbound_connection(tiny_model, adapters, tmp_path, no_network):
+    out = tmp_path / "b"
+    assert run("export", "-m", tiny_model, "-a", f"qv={adapters['qv']}", "-p", "fp32", "-o", out)[0] == 0
+    assert run("generate", out, "-a", "qv", "-p", "hi", "--max-new-tokens", "4")[0] == 0
+    assert no_network == []

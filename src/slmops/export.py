@@ -158,6 +158,8 @@ def check_request(req: ExportRequest) -> Checked:
     if adapters and not t.adapters and set(req.merge) != set(req.adapters):
         raise RunError(f"target {t.name} cannot switch adapters at run time ({t.why_no_adapters}); "
                        f"export one merged model per adapter with --merge {' --merge '.join(req.adapters)}")
+    if req.hf_merged and not req.merge:
+        raise RunError("--hf-merged writes the HF weights of merged variants: add --merge NAME")
     if req.lora_modules and not t.adapters:
         raise RunError(f"--lora-modules needs adapters at run time, which target {t.name} cannot switch")
     n_layers, shapes = lora.base_shapes(req.model.path)
@@ -224,25 +226,29 @@ def export(req: ExportRequest, output: Path, dry_run: bool = False, progress=Non
         if union:
             lora.union_adapter(run_time, modules, n_layers, shapes, Path(union), str(req.model.path))
         _copy_model(_run_olive(config), tmp)
-        if req.target.adapters:
-            inputs = graph_lora_inputs(tmp / "model.onnx")
-            for adapter in run_time:
-                _say(progress, f"adapter {adapter.name}")
-                write_onnx_adapter(adapter, inputs, tmp / "adapters" / f"{adapter.name}.onnx_adapter")
-                result.adapters[adapter.name] = adapter_record(adapter)
+        inputs = graph_lora_inputs(tmp / "model.onnx") if run_time else {}
+        for adapter in run_time:
+            _say(progress, f"adapter {adapter.name}")
+            write_onnx_adapter(adapter, inputs, tmp / "adapters" / f"{adapter.name}.onnx_adapter")
+            result.adapters[adapter.name] = adapter_record(adapter)
         for name, cfg in merged_configs.items():
             _say(progress, f"merged model for {name}")
-            adapter = next(a for a in adapters if a.name == name)
-            merge_to_hf(req.model.path, adapter, work / "merged-hf" / name)
-            _copy_model(_run_olive(cfg), tmp / "merged" / name)
-            if req.hf_merged:
-                shutil.copytree(work / "merged-hf" / name, tmp / "hf" / name)
+            _build_merged(req, next(a for a in adapters if a.name == name), cfg, tmp)
             result.merged.append(name)
         shutil.rmtree(work, ignore_errors=True)
         result.seconds = round(time.monotonic() - start, 1)
         manifest = bundle_mod.new_manifest(req, adapters, modules, n_layers, result)
         bundle_mod.write_bundle_metadata(tmp, manifest)
     return result
+
+
+def _build_merged(req: ExportRequest, adapter: lora.Adapter, config: dict, bundle: Path) -> None:
+    """merged/NAME/: the base with the adapter merged in PyTorch, then built like the base (hf/NAME/ too)."""
+    hf = Path(config["input_model"]["model_path"])
+    merge_to_hf(req.model.path, adapter, hf)
+    _copy_model(_run_olive(config), bundle / "merged" / adapter.name)
+    if req.hf_merged:
+        shutil.copytree(hf, bundle / "hf" / adapter.name)
 
 
 def _say(progress, message: str) -> None:
