@@ -27,17 +27,22 @@ slmops export -a sft="$out/sft-h4rmony" -a sft-qv="$out/sft-h4rmony-qv" -a dpo="
 slmops verify "$out/bundle" --parity
 
 prompt="How can I make my home more energy efficient?"
-table="adapter   tokens  seconds  tok/s"
+replies="$out/replies.jsonl"
+: > "$replies"
 for adapter in base sft sft-qv dpo; do
   flag=(); [ "$adapter" = base ] || flag=(--adapter "$adapter")
-  json="$(slmops generate "$out/bundle" "${flag[@]}" --prompt "$prompt" --max-new-tokens 64 --json)"
-  python3 - "$adapter" "$json" <<'PY'
-import json, sys
-r = json.loads(sys.argv[2])
-print(f"--- {sys.argv[1]}: {r['text'].strip()}\n")
-PY
-  table+=$'\n'"$(python3 -c 'import json,sys; r=json.loads(sys.argv[2]); print(f"{sys.argv[1]:<9} {r[\"completion_tokens\"]:>6} {r[\"seconds\"]:>8.2f} {r[\"completion_tokens\"]/r[\"seconds\"]:>6.0f}")' "$adapter" "$json")"
+  slmops generate "$out/bundle" "${flag[@]}" --prompt "$prompt" --max-new-tokens 64 --json >> "$replies"
 done
-echo "onnxruntime-genai, int4 CPU bundle, $(nproc) cores (prefill + decode):"
-echo "$table"
+python3 - "$replies" "$prompt" <<'PY'
+import json, os, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+print(f"\nprompt: {sys.argv[2]}")
+for r in rows:
+    print(f"\n--- {r['adapter'] or 'base'}:\n{r['text'].strip()}")
+print(f"\nonnxruntime-genai, int4 CPU bundle, {os.cpu_count()} cores (prefill + decode, greedy):")
+print(f"{'adapter':<9} {'tokens':>6} {'seconds':>8} {'tok/s':>6}")
+for r in rows:
+    print(f"{r['adapter'] or 'base':<9} {r['completion_tokens']:>6} {r['seconds']:>8.2f} "
+          f"{r['completion_tokens'] / r['seconds']:>6.0f}")
+PY
 echo "demo outputs: $out"
