@@ -155,7 +155,7 @@ def model_card(m: dict) -> str:
                                                     + (f"; HF weights in `{v['hf_folder']}`" if v.get("hf_folder") else "")
                                                     for n, v in m["merged"].items()]
     first = next(iter(m["adapters"]), None)
-    lines += ["", "## Use", "", "```", f"slmops generate BUNDLE --prompt 'Hello'"]
+    lines += ["", "## Use", "", "```", "slmops generate BUNDLE --prompt 'Hello'"]
     if first:
         lines.append(f"slmops generate BUNDLE --adapter {first} --prompt 'Hello'")
     lines += ["slmops verify BUNDLE --parity", "```", "",

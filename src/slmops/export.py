@@ -22,6 +22,7 @@ from slmops import lora
 from slmops.atomic import atomic_dir
 from slmops.errors import RunError
 from slmops.models import ResolvedModel, model_fingerprint
+from slmops.olive_config import workflow
 
 logger = logging.getLogger(__name__)
 
@@ -115,18 +116,8 @@ def render_export(model_path: str, target: Target, quant: Quantization, adapter_
     input_model = {"type": "HfModel", "model_path": model_path, "task": "text-generation"}
     if adapter_path:
         input_model["adapter_path"] = adapter_path
-    return {
-        "input_model": input_model,
-        "systems": {"local_system": {"type": "LocalSystem", "accelerators": [
-            {"device": target.device, "execution_providers": [target.provider]}]}},
-        "passes": passes,
-        "host": "local_system",
-        "target": "local_system",
-        "evaluate_input_model": False,
-        "log_severity_level": 3,
-        "cache_dir": f"{work_dir}/olive-cache",
-        "output_dir": f"{work_dir}/olive-output",
-    }
+    system = {"type": "LocalSystem", "accelerators": [{"device": target.device, "execution_providers": [target.provider]}]}
+    return workflow(input_model, passes, work_dir, system=system)
 
 
 def lora_nodes(modules: set[str], n_layers: int) -> tuple[str, ...]:

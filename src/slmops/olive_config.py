@@ -56,15 +56,23 @@ def render_finetune(recipe: Recipe, model_path: str, sources: Sources, work_dir:
         data_configs += [_preference_data_config(n, part, recipe, sources)
                          for n, part in (("dpo_train_data", "train"), ("dpo_eval_data", "eval"))[: 1 + has_eval]]
         passes[DPO_PASS] = _dpo_pass(recipe, has_eval, work_dir)
+    input_model = {
+        "type": "HfModel",
+        "model_path": model_path,
+        "task": "text-generation",
+        "load_kwargs": {"trust_remote_code": recipe.model.trust_remote_code},
+    }
+    return workflow(input_model, passes, work_dir, data_configs=data_configs)
+
+
+def workflow(input_model: dict, passes: dict, work_dir: str, system: Optional[dict] = None,
+             data_configs: Optional[list] = None) -> dict:
+    """An Olive workflow on the local system, with its cache and output under work_dir."""
+    config = {"input_model": input_model, "systems": {"local_system": system or {"type": "LocalSystem"}}}
+    if data_configs is not None:
+        config["data_configs"] = data_configs
     return {
-        "input_model": {
-            "type": "HfModel",
-            "model_path": model_path,
-            "task": "text-generation",
-            "load_kwargs": {"trust_remote_code": recipe.model.trust_remote_code},
-        },
-        "systems": {"local_system": {"type": "LocalSystem"}},
-        "data_configs": data_configs,
+        **config,
         "passes": passes,
         "host": "local_system",
         "target": "local_system",

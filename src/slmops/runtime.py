@@ -7,7 +7,6 @@ holding its own active adapter, so requests for different adapters never mix.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -203,11 +202,3 @@ def _select_provider(og, config, manifest: dict) -> None:
     config.clear_providers()
     config.append_provider(name)
 
-
-def available_providers() -> list[str]:
-    """The execution providers onnxruntime-genai can use on this machine."""
-    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-    import onnxruntime_genai as og
-
-    return ["CPUExecutionProvider"] + [p for p, (_, probe) in _PROVIDERS.items()
-                                       if probe and getattr(og, probe, lambda: False)()]
