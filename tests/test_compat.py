@@ -64,3 +64,14 @@ def test_pinned_onnxruntime_genai_has_what_olive_imports():
 
     assert version("onnxruntime-genai") == "0.14.1"
     importlib.import_module("onnxruntime_genai.models.quantized_model")
+
+
+def test_onnxruntime_genai_still_claims_npu_providers_on_a_cpu_build():
+    """Why slmops.runtime.available_eps asks ONNX Runtime's provider list, not onnxruntime-genai's
+    is_*_available(): on this CPU-only build the latter claims QNN. Fails once it tells the truth."""
+    import onnxruntime as ort
+    import onnxruntime_genai as og
+
+    if "QNNExecutionProvider" in ort.get_available_providers():
+        return  # a machine that really has QNN proves nothing
+    assert og.is_qnn_available()

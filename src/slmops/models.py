@@ -149,6 +149,14 @@ def _embedded_folder(alias_name: str, alias: Alias) -> Path:
     return target
 
 
+def embedded_gguf(name: str) -> Path:
+    """The GGUF an alias embeds (the same base in llama.cpp's format), for baselines."""
+    alias = ALIASES.get(name.lower())
+    if alias is None:
+        raise ModelError(f"model '{name}' has no embedded GGUF; pass the GGUF of the same base with --gguf PATH")
+    return _embedded_gguf(alias)
+
+
 def _embedded_gguf(alias: Alias) -> Path:
     # find_spec locates the package without running its __init__ (which imports `llm`).
     spec = importlib.util.find_spec(alias.package)

@@ -15,15 +15,33 @@ from typing import Iterator, Optional
 
 from slmops.bundle import BundleError, read_manifest
 
-# onnxruntime-genai's names for the providers a bundle can target, and how to ask whether it has them.
-_PROVIDERS = {
-    "CPUExecutionProvider": (None, None),
-    "CUDAExecutionProvider": ("cuda", "is_cuda_available"),
-    "DmlExecutionProvider": ("dml", "is_dml_available"),
-    "WebGpuExecutionProvider": ("WebGPU", "is_webgpu_available"),
-    "QNNExecutionProvider": ("QNN", "is_qnn_available"),
-    "OpenVINOExecutionProvider": ("OpenVINO", "is_openvino_available"),
+# Execution providers by target name: ONNX Runtime's name, and onnxruntime-genai's name for append_provider.
+EPS = {
+    "cpu": ("CPUExecutionProvider", None),
+    "cuda": ("CUDAExecutionProvider", "cuda"),
+    "dml": ("DmlExecutionProvider", "dml"),
+    "webgpu": ("WebGpuExecutionProvider", "WebGPU"),
+    "qnn": ("QNNExecutionProvider", "QNN"),
+    "openvino": ("OpenVINOExecutionProvider", "OpenVINO"),
+    "vitisai": ("VitisAIExecutionProvider", "VitisAI"),
 }
+
+
+def available_eps() -> list[str]:
+    """Target names whose execution provider this machine's ONNX Runtime really has.
+
+    onnxruntime-genai's own is_*_available() answer True for QNN, OpenVINO and WebGPU on a plain
+    CPU build, so they cannot tell; ONNX Runtime's provider list can (CUDA also needs a device).
+    """
+    import onnxruntime as ort
+
+    have = set(ort.get_available_providers())
+    found = [name for name, (provider, _) in EPS.items() if provider in have]
+    if "cuda" in found:
+        import onnxruntime_genai as og
+
+        found = [n for n in found if n != "cuda" or og.is_cuda_available()]
+    return found
 
 
 @dataclass(frozen=True)
@@ -115,7 +133,7 @@ class Runtime:
         return self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text))
+        return [int(t) for t in self.tokenizer.encode(text)]
 
     def stream(self, prompt: str, adapter: Optional[str] = None, sampling: Sampling = Sampling(),
                stop: tuple[str, ...] = (), result: Optional[Completion] = None) -> Iterator[str]:
@@ -190,15 +208,13 @@ def _context_length(path: Path) -> int:
 
 
 def _select_provider(og, config, manifest: dict) -> None:
-    """Run on the provider the bundle was built for; refuse one this onnxruntime-genai does not have."""
-    provider = manifest["target"]["execution_provider"]
-    name, probe = _PROVIDERS.get(provider, (provider, None))
-    if name is None:
-        return  # CPU: always there
-    if probe is None or not getattr(og, probe, lambda: False)():
-        raise BundleError(f"bundle '{manifest['target']['name']}' is built for {provider}, which this "
-                          f"onnxruntime-genai ({og.__version__ if hasattr(og, '__version__') else 'installed'}) "
-                          "cannot use here; run it on a machine with that device, or export for --target cpu")
+    """Run on the provider the bundle was built for; refuse one this machine does not have (no fallback)."""
+    target = manifest["target"]["name"]
+    if target == "cpu":
+        return
+    if target not in available_eps():
+        raise BundleError(f"bundle is built for {manifest['target']['execution_provider']}, which this machine's "
+                          f"ONNX Runtime does not have (it has: {', '.join(available_eps())}); run it on a machine "
+                          "with that device, or export for --target cpu")
     config.clear_providers()
-    config.append_provider(name)
-
+    config.append_provider(EPS[target][1])

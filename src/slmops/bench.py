@@ -1,0 +1,312 @@
+"""Measure a bundle: per execution provider, adapter and prompt length, against PyTorch, llama.cpp and the memory bound.
+
+Every engine gets the same token ids (a fixed text cut to N tokens) and generates exactly M new
+tokens, greedily. onnxruntime-genai runs in this process; the baselines run in child processes
+so that each peak RSS is that engine's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from slmops.bundle import BundleError, read_manifest
+from slmops.runtime import EPS, available_eps
+
+TEXT = (
+    "The history of the lighthouse is a history of people who kept a light burning through the night so that "
+    "others could find their way home. Keepers trimmed wicks, polished lenses and wound the clockwork that turned "
+    "the great glass, and they wrote down the weather, the ships that passed and the storms that came. "
+)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    prompt_tokens: int
+    new_tokens: int
+
+
+DEFAULT_SCENARIOS = (Scenario("128in/128out", 128, 128), Scenario("1024in/128out", 1024, 128))
+
+
+@dataclass
+class BenchOptions:
+    ep: Optional[str] = None  # default: the bundle's target
+    adapters: Optional[list[str]] = None  # default: base and every adapter
+    scenarios: tuple[Scenario, ...] = DEFAULT_SCENARIOS
+    warmup: int = 1
+    reps: int = 3
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    pytorch: bool = True
+    pytorch_reps: int = 1
+    llamacpp: Optional[str] = None  # a GGUF path: also measure llama.cpp
+    no_lora_base: bool = True  # build the same base without LoRA inputs, for the adapter overhead
+
+
+@dataclass
+class Row:
+    engine: str  # onnxruntime-genai, pytorch, llama.cpp
+    variant: str  # "int4 cpu", "fp32", "Q4_1 gguf", "int4 cpu, no LoRA inputs"
+    adapter: str  # "base" or the adapter name
+    scenario: str
+    prompt_tokens: int
+    new_tokens: int
+    runs: int
+    ttft_ms: float
+    prefill_tps: Optional[float]
+    decode_tps: float
+    decode_tps_min: float
+    decode_tps_max: float
+    e2e_ms: float
+    peak_rss_mb: Optional[float] = None
+    disk_mb: Optional[float] = None
+    bound_fraction: Optional[float] = None  # decode tok/s / memory-bandwidth bound
+
+
+@dataclass
+class Report:
+    bundle: str
+    machine: dict
+    options: dict
+    bandwidth_gbs: float
+    bytes_per_token: dict  # adapter -> bytes read per decoded token (weights + adapter + KV cache)
+    rows: list[Row] = field(default_factory=list)
+    adapter_load_ms: dict = field(default_factory=dict)
+    adapter_switch_ms: Optional[float] = None
+    adapter_overhead: dict = field(default_factory=dict)  # adapter -> decode slowdown vs the no-LoRA base
+    summary: dict = field(default_factory=dict)
+
+
+def bench(bundle: Path, options: BenchOptions, progress: Callable[[str], None] = lambda _: None,
+          workdir: Optional[Path] = None) -> Report:
+    """Measure the bundle and the baselines; each engine runs in its own child process."""
+    manifest = read_manifest(bundle)
+    ep = select_ep(options.ep, manifest)
+    names = _adapters(options.adapters, manifest)
+    scenarios = [{"name": s.name, "ids": prompt_ids(bundle, s.prompt_tokens), "new_tokens": s.new_tokens}
+                 for s in options.scenarios]
+    common = {"scenarios": scenarios, "reps": options.reps, "warmup": options.warmup, "threads": options.threads}
+    progress("memory read bandwidth")
+    bandwidth = run_engine({"engine": "bandwidth", "threads": options.threads})[0]["gbs"]
+    report = Report(str(bundle), machine(), {**asdict(options), "ep": ep}, bandwidth,
+                    {n: bytes_per_token(bundle, manifest, n, options.scenarios[0]) for n in names})
+    variant = f"{manifest['quantization']['precision']} {manifest['target']['name']}"
+    progress(f"onnxruntime-genai {variant}: {', '.join(names)}")
+    result, rss = run_engine({"engine": "onnxruntime-genai", "bundle": str(bundle), "adapters": names, **common})
+    report.adapter_load_ms, report.adapter_switch_ms = result["adapter_load_ms"], result["adapter_switch_ms"]
+    for name in names:
+        adapter_mb = 0 if name == "base" else (bundle / manifest["adapters"][name]["file"]).stat().st_size / 2**20
+        _add_rows(report, "onnxruntime-genai", variant, result["samples"], [name], options.scenarios,
+                  peak_rss_mb=rss, disk_mb=bundle_bytes(bundle) / 2**20 + adapter_mb)
+    for row in report.rows:
+        row.bound_fraction = row.decode_tps / (bandwidth * 1e9 / report.bytes_per_token[row.adapter])
+    if options.no_lora_base and manifest["lora_inputs"]["modules"]:
+        plain = no_lora_bundle(bundle, manifest, workdir or bench_dir(bundle), progress)
+        progress(f"onnxruntime-genai {variant}, no LoRA inputs")
+        result, rss = run_engine({"engine": "onnxruntime-genai", "bundle": str(plain), "adapters": ["base"], **common})
+        _add_rows(report, "onnxruntime-genai", f"{variant}, no LoRA inputs", result["samples"], ["base"],
+                  options.scenarios, peak_rss_mb=rss, disk_mb=bundle_bytes(plain) / 2**20)
+    if options.pytorch:
+        from slmops.models import resolve_model
+        from slmops.parity import adapter_sources
+
+        progress("pytorch fp32 (transformers + peft)")
+        model = resolve_model(manifest["base"]["name"]).path
+        sources = adapter_sources(manifest, {}) if len(names) > 1 else {}
+        result, rss = run_engine({"engine": "pytorch", "model": str(model), **common, "reps": options.pytorch_reps,
+                                  "adapters": {n: str(p) for n, p in sources.items() if n in names}})
+        disk = sum(f.stat().st_size for f in Path(model).glob("*.safetensors"))
+        _add_rows(report, "pytorch", "fp32", result["samples"], names, options.scenarios, peak_rss_mb=rss,
+                  disk_mb=disk / 2**20)
+    if options.llamacpp:
+        progress("llama.cpp")
+        result, rss = run_engine({"engine": "llama.cpp", "gguf": options.llamacpp, **common})
+        _add_rows(report, "llama.cpp", Path(options.llamacpp).name, result["samples"], ["base"], options.scenarios,
+                  peak_rss_mb=rss, disk_mb=Path(options.llamacpp).stat().st_size / 2**20)
+    report.summary = summarise(report)
+    return report
+
+
+def select_ep(requested: Optional[str], manifest: dict) -> str:
+    """The EP to measure on: it must be available here and be the one the bundle was built for."""
+    available = available_eps()
+    ep = requested or manifest["target"]["name"]
+    if ep not in available:
+        raise BundleError(f"execution provider {ep} is not available here (ONNX Runtime "
+                          f"{_version('onnxruntime')} has: {', '.join(available)}); pick one of those "
+                          "or run on a machine with that device")
+    if EPS[ep][0] != manifest["target"]["execution_provider"]:
+        raise BundleError(f"this bundle is built for {manifest['target']['name']}, not {ep}; export one for "
+                          f"{ep} (slmops export --target {ep}) or drop --ep")
+    return ep
+
+
+def _adapters(requested: Optional[list[str]], manifest: dict) -> list[str]:
+    names = ["base", *manifest["adapters"]]
+    if requested:
+        unknown = [n for n in requested if n not in names]
+        if unknown:
+            raise BundleError(f"unknown adapter(s) {', '.join(unknown)}; this bundle has: {', '.join(names)}")
+        return [n for n in names if n in requested]
+    return names
+
+
+def prompt_ids(bundle: Path, n: int) -> list[int]:
+    """Exactly n token ids of a fixed English text (repeated as needed), with the bundle's tokenizer."""
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(bundle / "tokenizer.json")).encode(TEXT, add_special_tokens=False).ids
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+def _add_rows(report: Report, engine: str, variant: str, samples: list[dict], adapters: list[str],
+              scenarios, **extra) -> None:
+    for name in adapters:
+        for scenario in scenarios:
+            picked = [s for s in samples if s["adapter"] == name and s["scenario"] == scenario.name]
+            if picked:
+                report.rows.append(_row(engine, variant, name, scenario, picked, **extra))
+
+
+def _row(engine: str, variant: str, adapter: str, scenario: Scenario, samples: list[dict], **extra) -> Row:
+    def median(key):
+        values = [s[key] for s in samples if s[key] is not None]
+        return statistics.median(values) if values else None
+
+    decode = [s["decode_tps"] for s in samples]
+    return Row(engine, variant, adapter, scenario.name, scenario.prompt_tokens, scenario.new_tokens, len(samples),
+               median("ttft_ms"), median("prefill_tps"), median("decode_tps"), min(decode), max(decode),
+               median("e2e_ms"), **extra)
+
+
+def no_lora_bundle(bundle: Path, manifest: dict, workdir: Path, progress) -> Path:
+    """The same base and quantization without LoRA inputs, exported once (cached by the bundle's manifest)."""
+    from slmops.files import file_sha256
+
+    out = workdir / f"no-lora-{file_sha256(bundle / 'slmops.json')[:12]}"
+    if not (out / "slmops.json").is_file():
+        progress("building the same base without LoRA inputs (once)")
+        q, t = manifest["quantization"], manifest["target"]
+        cmd = [sys.executable, "-m", "slmops.cli", "export", "-m", manifest["base"]["name"], "-t", t["name"],
+               "-p", q["precision"], "-o", str(out)]
+        if q["precision"] == "int4":
+            cmd += ["--int4-algo", q["int4_algo"]]
+        if q.get("block_size"):
+            cmd += ["--block-size", str(q["block_size"]), "--accuracy-level", str(q["accuracy_level"])]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise BundleError(f"building the no-LoRA base failed: {last}; pass --skip-no-lora-base to go without")
+    return out
+
+
+def run_engine(args: dict) -> tuple[dict, float]:
+    """Run one engine in a child process; its JSON result and its own peak RSS in MiB (from wait4)."""
+    import tempfile
+
+    with tempfile.TemporaryFile(mode="w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "slmops.engines", json.dumps(args)],
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            err.seek(0)
+            last = (err.read().strip().splitlines() or ["no output"])[-1]
+            raise BundleError(f"the {args['engine']} measurement failed: {last}")
+    return json.loads(out), usage.ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine and its memory bound
+
+
+def bundle_bytes(bundle: Path) -> int:
+    """The base model's bytes on disk: model.onnx and its external data."""
+    return sum(p.stat().st_size for p in bundle.glob("model.onnx*"))
+
+
+def bytes_per_token(bundle: Path, manifest: dict, adapter: str, scenario: Scenario) -> float:
+    """Bytes a decode step must read: all weights, the active adapter, and the KV cache at mid-generation."""
+    decoder = json.loads((bundle / "genai_config.json").read_text())["model"]["decoder"]
+    io_bytes = 2 if manifest["quantization"]["precision"] == "fp16" else 4
+    context = scenario.prompt_tokens + scenario.new_tokens // 2
+    kv = 2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * context * io_bytes
+    weights = bundle_bytes(bundle)
+    if adapter != "base":
+        weights += (bundle / manifest["adapters"][adapter]["file"]).stat().st_size
+    return weights + kv
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = None
+    try:
+        memory = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20  # GiB
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory, 1) if memory else None,
+            "os": platform.platform(), "python": platform.python_version(),
+            "versions": {p: _version(p) for p in ("onnxruntime", "onnxruntime-genai", "torch", "transformers",
+                                                  "peft", "llama_cpp_python")}}
+
+
+def _version(package: str) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def bench_dir(bundle: Path) -> Path:
+    """Reports go next to the bundle (never inside it: that would fail `slmops verify`)."""
+    return bundle.parent / f"{bundle.name}-bench"
+
+
+def summarise(report: Report) -> dict:
+    """The headline numbers: ORT vs PyTorch and llama.cpp decode, adapter overhead, switch time."""
+    def decode(engine, adapter, scenario, variant_filter=lambda v: "no LoRA" not in v):
+        rows = [r for r in report.rows if r.engine == engine and r.adapter == adapter and r.scenario == scenario
+                and variant_filter(r.variant)]
+        return rows[0].decode_tps if rows else None
+
+    out = {}
+    for s in dict.fromkeys(r.scenario for r in report.rows):
+        ort, torch_ = decode("onnxruntime-genai", "base", s), decode("pytorch", "base", s)
+        llama = decode("llama.cpp", "base", s)
+        plain = decode("onnxruntime-genai", "base", s, lambda v: "no LoRA" in v)
+        entry = {"ort_decode_tps": ort}
+        if ort and torch_:
+            entry["x_pytorch"] = ort / torch_
+        if ort and llama:
+            entry["x_llamacpp"] = ort / llama
+        if plain:
+            entry["no_lora_decode_tps"] = plain
+            for name in {r.adapter for r in report.rows if r.adapter != "base"}:
+                with_adapter = decode("onnxruntime-genai", name, s)
+                if with_adapter:
+                    report.adapter_overhead.setdefault(s, {})[name] = 1 - with_adapter / plain
+            base_with_inputs = decode("onnxruntime-genai", "base", s)
+            if base_with_inputs:
+                report.adapter_overhead.setdefault(s, {})["base (empty LoRA inputs)"] = 1 - base_with_inputs / plain
+        out[s] = entry
+    return out

@@ -1,0 +1,99 @@
+"""`slmops bench`: measure a bundle against PyTorch, llama.cpp and the memory bound."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from slmops.errors import RunError
+
+
+def parse_scenario(text: str):
+    from slmops.bench import Scenario
+
+    prompt, sep, new = text.partition(":")
+    if not (sep and prompt.isdigit() and new.isdigit() and int(prompt) > 0 and int(new) > 1):
+        raise RunError(f"--scenario '{text}': expected PROMPT:NEW token counts, e.g. 128:128 (NEW at least 2)")
+    return Scenario(f"{prompt}in/{new}out", int(prompt), int(new))
+
+
+@click.command("bench")
+@click.argument("bundle", type=click.Path(path_type=Path), required=False)
+@click.option("--ep", "--target", "ep", type=click.Choice(["cpu", "cuda", "dml", "webgpu", "qnn", "openvino", "vitisai"]),
+              default=None, help="Execution provider to measure on (default: the bundle's target). Never falls back.")
+@click.option("-a", "--adapter", "adapters", multiple=True, help="Adapters to measure ('base' for none; default all).")
+@click.option("--scenario", "scenarios", multiple=True, metavar="PROMPT:NEW",
+              help="Prompt and generated token counts (default 128:128 and 1024:128).")
+@click.option("--reps", type=click.IntRange(1), default=3, show_default=True, help="Measured runs per row.")
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None, help="Threads (default: all cores).")
+@click.option("--baseline", "baselines", multiple=True, type=click.Choice(["pytorch", "llamacpp", "none"]),
+              help="Baselines to run (default pytorch; llamacpp needs llama-cpp-python).")
+@click.option("--pytorch-reps", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--gguf", type=click.Path(path_type=Path), default=None,
+              help="GGUF for the llama.cpp baseline (default: the one embedded for the default model).")
+@click.option("--no-lora-base/--skip-no-lora-base", default=True,
+              help="Also measure the same base built without LoRA inputs (adapter overhead; built once).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Report folder (default: BUNDLE-bench next to the bundle).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of the table.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print the rows as CSV instead of the table.")
+def bench_command(bundle, ep, adapters, scenarios, reps, warmup, threads, baselines, pytorch_reps, gguf, no_lora_base,
+                  output, as_json, as_csv) -> None:
+    """Measure a bundle: TTFT, prefill and decode speed, memory, adapter costs; vs PyTorch and llama.cpp."""
+    from slmops import bench as bench_mod
+    from slmops.bench_report import table, to_csv, to_json, write_reports
+    from slmops.bundle import read_manifest
+    from slmops.privacy import go_offline
+
+    go_offline()
+    if bundle is None:
+        raise RunError("no bundle: pass the folder `slmops export -o` wrote")
+    if as_json and as_csv:
+        raise RunError("--json and --csv conflict; pass one")
+    manifest = read_manifest(bundle)
+    options = bench_mod.BenchOptions(
+        ep=ep, adapters=list(adapters) or None, reps=reps, warmup=warmup, pytorch_reps=pytorch_reps,
+        scenarios=tuple(parse_scenario(s) for s in scenarios) or bench_mod.DEFAULT_SCENARIOS,
+        pytorch="none" not in baselines and (not baselines or "pytorch" in baselines),
+        llamacpp=str(_gguf(gguf, manifest)) if "llamacpp" in baselines else None, no_lora_base=no_lora_base)
+    if threads:
+        options.threads = threads
+    bench_mod.select_ep(ep, manifest)  # refuse an unavailable EP before any work
+    quiet = as_json or as_csv
+    report = bench_mod.bench(bundle, options, progress=(lambda m: None) if quiet else _progress())
+    folder = output or bench_mod.bench_dir(bundle)
+    written = write_reports(report, folder)
+    if as_json:
+        click.echo(to_json(report))
+    elif as_csv:
+        click.echo(to_csv(report), nl=False)
+    else:
+        click.echo(table(report))
+        click.echo(f"reports: {', '.join(str(p) for p in written)}")
+
+
+def _gguf(gguf: Path | None, manifest: dict) -> Path:
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise RunError("--baseline llamacpp needs llama-cpp-python: pip install llama-cpp-python "
+                       "(it builds llama.cpp from source, about 5 minutes)")
+    if gguf is not None:
+        if not gguf.is_file():
+            raise RunError(f"--gguf {gguf}: no such file; pass a GGUF of the bundle's base model")
+        return gguf
+    from slmops.models import embedded_gguf
+
+    return embedded_gguf(manifest["base"]["name"])
+
+
+def _progress():
+    step = [0]
+
+    def say(message: str) -> None:
+        step[0] += 1
+        click.echo(f"[{step[0]}] {message}", err=True)
+
+    return say
