@@ -113,3 +113,30 @@ def test_llamacpp_baseline_needs_the_package(tiny_bundle, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
     result = CliRunner().invoke(cli, ["bench", str(tiny_bundle), "--baseline", "llamacpp"])
     assert result.exit_code == 2 and "needs llama-cpp-python: pip install llama-cpp-python" in result.output
+
+
+def test_matrix_exports_and_compares(tiny_model, tmp_path):
+    qv = make_adapter(tiny_model, tmp_path / "qv-adapter", 4, ["q_proj", "v_proj"], seed=1)
+    out = tmp_path / "matrix"
+    result = CliRunner().invoke(cli, ["bench", "--matrix", "-m", str(tiny_model), "-a", f"qv={qv}", "--precisions",
+                                      "int4,fp32", "--scenario", "8:4", "--reps", "1", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [(r["target"], r["precision"], r["adapter"]) for r in rows] == [
+        ("cpu", "int4", "base"), ("cpu", "int4", "qv"), ("cpu", "fp32", "base"), ("cpu", "fp32", "qv")]
+    assert all(r["agreement"] == 1.0 for r in rows if r["precision"] == "fp32")
+    assert all(r["x_pytorch"] > 0 and r["decode_tps"] > 0 for r in rows)
+    assert (out / "matrix.md").read_text().count("| cpu |") == 4
+    assert (out / "cpu-int4" / "slmops.json").is_file()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--matrix", "BUNDLE"], "--matrix builds its own bundles: drop the BUNDLE argument"),
+    (["--matrix"], "--matrix needs --recipe R or --model M (and --adapter NAME=PATH for adapters)"),
+    (["--matrix", "-m", "x", "--precisions", "int3"], "--precisions int3: choose from int4, int8, fp16, fp32"),
+    ([], "no bundle: pass the folder `slmops export -o` wrote (or --matrix with --recipe)"),
+])
+def test_matrix_refusals(tiny_bundle, args, message):
+    args = [str(tiny_bundle) if a == "BUNDLE" else a for a in args]
+    result = CliRunner().invoke(cli, ["bench", *args])
+    assert (result.exit_code, result.output.strip()) == (2, f"Error: {message}")

@@ -196,35 +196,87 @@ def no_lora_bundle(bundle: Path, manifest: dict, workdir: Path, progress) -> Pat
     out = workdir / f"no-lora-{file_sha256(bundle / 'slmops.json')[:12]}"
     if not (out / "slmops.json").is_file():
         progress("building the same base without LoRA inputs (once)")
-        q, t = manifest["quantization"], manifest["target"]
-        cmd = [sys.executable, "-m", "slmops.cli", "export", "-m", manifest["base"]["name"], "-t", t["name"],
-               "-p", q["precision"], "-o", str(out)]
-        if q["precision"] == "int4":
-            cmd += ["--int4-algo", q["int4_algo"]]
+        q = manifest["quantization"]
+        flags = ["--int4-algo", q["int4_algo"]] if q["precision"] == "int4" else []
         if q.get("block_size"):
-            cmd += ["--block-size", str(q["block_size"]), "--accuracy-level", str(q["accuracy_level"])]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise BundleError(f"building the no-LoRA base failed: {last}; pass --skip-no-lora-base to go without")
+            flags += ["--block-size", str(q["block_size"]), "--accuracy-level", str(q["accuracy_level"])]
+        run_export(["-m", manifest["base"]["name"], "-t", manifest["target"]["name"], "-p", q["precision"], *flags],
+                   out, "--skip-no-lora-base to go without")
     return out
 
 
-def run_engine(args: dict) -> tuple[dict, float]:
-    """Run one engine in a child process; its JSON result and its own peak RSS in MiB (from wait4)."""
-    import tempfile
+def run_export(args: list[str], out: Path, otherwise: str) -> None:
+    """`slmops export ARGS -o OUT` in a child process (Olive and torch stay out of the measuring process)."""
+    done = subprocess.run([sys.executable, "-m", "slmops.cli", "export", *args, "-o", str(out)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BundleError(f"export {' '.join(args)} failed: {last}; pass {otherwise}")
 
-    with tempfile.TemporaryFile(mode="w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "slmops.engines", json.dumps(args)],
-                                stdout=subprocess.PIPE, stderr=err, text=True)
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode:
-            err.seek(0)
-            last = (err.read().strip().splitlines() or ["no output"])[-1]
-            raise BundleError(f"the {args['engine']} measurement failed: {last}")
-    return json.loads(out), usage.ru_maxrss / 1024
+
+def run_engine(args: dict) -> tuple[dict, float]:
+    """Run one engine in a child process; its JSON result and its own peak RSS in MiB."""
+    done = subprocess.run([sys.executable, "-m", "slmops.engines", json.dumps(args)], capture_output=True, text=True)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BundleError(f"the {args['engine']} measurement failed: {last}")
+    result = json.loads(done.stdout)
+    return result, result.pop("peak_rss_mb")
+
+
+# ---------------------------------------------------------------------------------------------
+# The matrix: one recipe's adapters exported at each precision for each target available here
+
+
+@dataclass
+class MatrixRow:
+    target: str
+    precision: str
+    adapter: str
+    agreement: Optional[float]  # teacher-forced top-1 agreement with PyTorch fp32 (slmops.parity)
+    decode_tps: float
+    prefill_tps: Optional[float]
+    ttft_ms: float
+    x_pytorch: Optional[float]
+    disk_mb: Optional[float]
+    peak_rss_mb: Optional[float]
+    bundle: str
+
+
+def matrix(model: str, adapters: dict[str, Path], precisions: list[str], options: BenchOptions, out: Path,
+           progress: Callable[[str], None] = lambda _: None) -> list[MatrixRow]:
+    """Export and measure every (target available here, precision it takes); PyTorch is measured once."""
+    from slmops.export import TARGETS
+    from slmops.models import resolve_model
+    from slmops.parity import adapter_sources, check_parity
+
+    targets = [t for t in available_eps() if t in TARGETS]
+    cells = [(t, p) for t in targets for p in precisions if p in TARGETS[t].precisions]
+    if not cells:
+        raise BundleError(f"no precision in {', '.join(precisions)} fits the targets available here "
+                          f"({', '.join(targets)})")
+    rows, torch_tps = [], {}
+    for i, (target, precision) in enumerate(cells):
+        bundle = out / f"{target}-{precision}"
+        if not (bundle / "slmops.json").is_file():
+            progress(f"export {target} {precision}")
+            run_export(["-m", model, "-t", target, "-p", precision,
+                        *(f for name, path in adapters.items() for f in ("-a", f"{name}={path}"))],
+                       bundle, "other --precisions")
+        cell = BenchOptions(**{**asdict(options), "pytorch": options.pytorch and i == 0, "ep": target,
+                               "scenarios": options.scenarios[:1], "no_lora_base": False})
+        report = bench(bundle, cell, progress)
+        manifest = read_manifest(bundle)
+        progress(f"parity {target} {precision}")
+        parity = check_parity(bundle, manifest, resolve_model(model).path, adapter_sources(manifest, {}))
+        agreement = {r.name: r.agreement for r in parity.rows}
+        torch_tps.update({r.adapter: r.decode_tps for r in report.rows if r.engine == "pytorch"})
+        for r in report.rows:
+            if r.engine == "onnxruntime-genai":
+                x = r.decode_tps / torch_tps[r.adapter] if torch_tps.get(r.adapter) else None
+                rows.append(MatrixRow(target, precision, r.adapter, agreement.get(r.adapter), r.decode_tps,
+                                      r.prefill_tps, r.ttft_ms, x, r.disk_mb, r.peak_rss_mb, str(bundle)))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------

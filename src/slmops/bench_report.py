@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from slmops.bench import Report, Row
+from slmops.bench import MatrixRow, Report, Row
 
 COLUMNS = [  # (header, Row field, format)
     ("engine", "engine", "{}"), ("variant", "variant", "{}"), ("adapter", "adapter", "{}"),
@@ -145,3 +145,40 @@ def write_reports(report: Report, folder: Path) -> list[Path]:
         tmp.write_text(text)
         tmp.rename(folder / name)
     return [folder / n for n in (*outputs, *names)]
+
+
+MATRIX_COLUMNS = [("target", "target", "{}"), ("precision", "precision", "{}"), ("adapter", "adapter", "{}"),
+                  ("agreement", "agreement", "{:.1%}"), ("decode tok/s", "decode_tps", "{:.1f}"),
+                  ("x PyTorch", "x_pytorch", "{:.1f}x"), ("prefill tok/s", "prefill_tps", "{:.0f}"),
+                  ("TTFT ms", "ttft_ms", "{:.0f}"), ("disk MB", "disk_mb", "{:.0f}"),
+                  ("peak RSS MB", "peak_rss_mb", "{:.0f}")]
+
+
+def _matrix_cells(row: MatrixRow) -> list[str]:
+    return ["-" if getattr(row, f) is None else fmt.format(getattr(row, f)) for _, f, fmt in MATRIX_COLUMNS]
+
+
+def matrix_table(rows: list[MatrixRow]) -> str:
+    cells = [[h for h, _, _ in MATRIX_COLUMNS]] + [_matrix_cells(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(MATRIX_COLUMNS))]
+    lines = ["  ".join(c.rjust(w) if i > 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_matrix(rows: list[MatrixRow], machine: dict, folder: Path, scenario: str) -> list[Path]:
+    """matrix.json and matrix.md: agreement with PyTorch fp32 next to speed, per target, precision, adapter."""
+    folder.mkdir(parents=True, exist_ok=True)
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
+    md = [f"# slmops bench --matrix ({scenario})", "",
+          f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB. {versions}.", "",
+          "| " + " | ".join(h for h, _, _ in MATRIX_COLUMNS) + " |", "|" + "---|" * len(MATRIX_COLUMNS)]
+    md += ["| " + " | ".join(_matrix_cells(r)) + " |" for r in rows]
+    outputs = {"matrix.json": json.dumps({"machine": machine, "scenario": scenario,
+                                          "rows": [asdict(r) for r in rows]}, indent=2),
+               "matrix.md": "\n".join(md) + "\n"}
+    for name, text in outputs.items():
+        tmp = folder / f".{name}.partial"
+        tmp.write_text(text)
+        tmp.rename(folder / name)
+    return [folder / n for n in outputs]

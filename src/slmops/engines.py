@@ -169,6 +169,20 @@ def bandwidth(threads: int, size_mb: int = 512, rounds: int = 5, **_) -> dict:
     return {"gbs": data.numel() * 4 / best / 1e9}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS since it started: VmHWM, which, unlike ru_maxrss, does not count the parent's
+    memory that a forked child held before it exec'd."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 ENGINES = {"onnxruntime-genai": onnxruntime_genai, "pytorch": pytorch, "llama.cpp": llamacpp,
            "bandwidth": bandwidth}
 
@@ -176,6 +190,6 @@ ENGINES = {"onnxruntime-genai": onnxruntime_genai, "pytorch": pytorch, "llama.cp
 if __name__ == "__main__":
     from slmops.privacy import go_offline
 
-    go_offline()
+    go_offline(olive=False)
     args = json.loads(sys.argv[1])
-    print(json.dumps(ENGINES[args["engine"]](**args)))
+    print(json.dumps(dict(ENGINES[args["engine"]](**args), peak_rss_mb=peak_rss_mb())))

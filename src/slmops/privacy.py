@@ -20,16 +20,19 @@ _ALWAYS = {
 }
 
 
-def go_offline(allow_hub: bool = False) -> None:
+def go_offline(allow_hub: bool = False, olive: bool = True) -> None:
     """Turn every library's telemetry off and, unless allowed, keep the model hub offline.
 
     Call before importing transformers, datasets or onnxruntime: they read these at import time.
+    olive=False is for commands that never run Olive (generate, verify, bench's engines): silencing
+    Olive imports it, and with it torch (about 350 MB of memory).
     """
     os.environ.update(_ALWAYS)
     if not allow_hub:
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["HF_DATASETS_OFFLINE"] = "1"
-    compat.silence_olive_telemetry()
+    if olive:
+        compat.silence_olive_telemetry()
 
 
 def recipe_needs_hub(recipe: Recipe) -> bool:

@@ -83,7 +83,7 @@ class Runtime:
     def __init__(self, bundle: Path, threads: Optional[int] = None, merged: Optional[str] = None):
         from slmops.privacy import go_offline
 
-        go_offline()  # before onnxruntime-genai loads: its telemetry reads the environment
+        go_offline(olive=False)  # before onnxruntime-genai loads: its telemetry reads the environment
         import onnxruntime_genai as og
 
         self.path = Path(bundle)

@@ -37,21 +37,32 @@ def parse_scenario(text: str):
               help="Also measure the same base built without LoRA inputs (adapter overhead; built once).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Report folder (default: BUNDLE-bench next to the bundle).")
+@click.option("--matrix", is_flag=True, help="Export the recipe's (or --model's) adapters at each precision for each "
+              "target available here, measure each, and print one comparison table.")
+@click.option("-r", "--recipe", default=None, help="With --matrix: the recipe (its model; adapters from --adapter "
+              "NAME=PATH, else its newest finetune output).")
+@click.option("-m", "--model", default=None, help="With --matrix: the base model (default: the recipe's).")
+@click.option("--precisions", default="int4,int8,fp32", show_default=True, help="With --matrix: precisions to try.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of the table.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print the rows as CSV instead of the table.")
 def bench_command(bundle, ep, adapters, scenarios, reps, warmup, threads, baselines, pytorch_reps, gguf, no_lora_base,
-                  output, as_json, as_csv) -> None:
+                  output, matrix, recipe, model, precisions, as_json, as_csv) -> None:
     """Measure a bundle: TTFT, prefill and decode speed, memory, adapter costs; vs PyTorch and llama.cpp."""
     from slmops import bench as bench_mod
     from slmops.bench_report import table, to_csv, to_json, write_reports
     from slmops.bundle import read_manifest
     from slmops.privacy import go_offline
 
-    go_offline()
-    if bundle is None:
-        raise RunError("no bundle: pass the folder `slmops export -o` wrote")
+    go_offline(olive=False)
     if as_json and as_csv:
         raise RunError("--json and --csv conflict; pass one")
+    if matrix:
+        return _matrix(bundle, recipe, model, adapters, precisions, scenarios, reps, warmup, threads, baselines,
+                       output, as_json)
+    if bundle is None:
+        raise RunError("no bundle: pass the folder `slmops export -o` wrote (or --matrix with --recipe)")
+    if recipe or model:
+        raise RunError("--recipe and --model go with --matrix; a bundle already names its model")
     manifest = read_manifest(bundle)
     options = bench_mod.BenchOptions(
         ep=ep, adapters=list(adapters) or None, reps=reps, warmup=warmup, pytorch_reps=pytorch_reps,
@@ -71,6 +82,45 @@ def bench_command(bundle, ep, adapters, scenarios, reps, warmup, threads, baseli
         click.echo(to_csv(report), nl=False)
     else:
         click.echo(table(report))
+        click.echo(f"reports: {', '.join(str(p) for p in written)}")
+
+
+def _matrix(bundle, recipe, model, adapters, precisions, scenarios, reps, warmup, threads, baselines, output,
+            as_json) -> None:
+    import json
+    import time
+    from dataclasses import asdict
+
+    from slmops import bench as bench_mod
+    from slmops.bench_report import matrix_table, write_matrix
+    from slmops.cli.export import _latest_run, parse_named_paths
+    from slmops.recipe import load_recipe
+
+    if bundle is not None:
+        raise RunError("--matrix builds its own bundles: drop the BUNDLE argument")
+    if not (recipe or model):
+        raise RunError("--matrix needs --recipe R or --model M (and --adapter NAME=PATH for adapters)")
+    r = load_recipe(recipe) if recipe else None
+    named = {n: p for n, p in parse_named_paths(tuple(a for a in adapters), "--adapter").items()}
+    if r and not named:
+        named = {r.name: _latest_run(r.name)}
+    wanted = [p.strip() for p in precisions.split(",") if p.strip()]
+    bad = [p for p in wanted if p not in ("int4", "int8", "fp16", "fp32")]
+    if bad:
+        raise RunError(f"--precisions {', '.join(bad)}: choose from int4, int8, fp16, fp32")
+    options = bench_mod.BenchOptions(
+        reps=reps, warmup=warmup, pytorch="none" not in baselines,
+        scenarios=tuple(parse_scenario(s) for s in scenarios) or bench_mod.DEFAULT_SCENARIOS[:1])
+    if threads:
+        options.threads = threads
+    name = model or r.model.name
+    out = output or Path("outputs") / f"matrix-{(r.name if r else Path(name).name)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    rows = bench_mod.matrix(name, named, wanted, options, out, progress=(lambda m: None) if as_json else _progress())
+    written = write_matrix(rows, bench_mod.machine(), out, options.scenarios[0].name)
+    if as_json:
+        click.echo(json.dumps([asdict(row) for row in rows], indent=2))
+    else:
+        click.echo(matrix_table(rows))
         click.echo(f"reports: {', '.join(str(p) for p in written)}")
 
 

@@ -161,7 +161,7 @@ def _parity(bundle, manifest, model, adapters):
     from slmops.parity import adapter_sources, check_parity
     from slmops.privacy import go_offline
 
-    go_offline()
+    go_offline(olive=False)
     base = resolve_model(model or manifest["base"]["name"])
     return check_parity(bundle, manifest, base.path, adapter_sources(manifest, parse_named_paths(adapters, "--adapter")))
 
