@@ -3,7 +3,7 @@
 # two LoRA SFT adapters of SmolLM2-135M-Instruct on H4rmony (r=16 on q/k/v/o, and r=8 on q/v) and a
 # DPO adapter on hh-rlhf, all through Olive; a held-out preference evaluation of the DPO adapter;
 # one int4 CPU bundle with the three adapters (Olive's model builder + adapter extraction); verify
-# with parity against PyTorch; a reply from the base and from each adapter, with its speed.
+# with parity against PyTorch; a reply from the base and from each adapter; `slmops bench`.
 # Data: $SLMOPS_DATA_DIR (default ../shared/data beside the repo).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -34,15 +34,14 @@ for adapter in base sft sft-qv dpo; do
   slmops generate "$out/bundle" "${flag[@]}" --prompt "$prompt" --max-new-tokens 64 --json >> "$replies"
 done
 python3 - "$replies" "$prompt" <<'PY'
-import json, os, sys
-rows = [json.loads(line) for line in open(sys.argv[1])]
+import json, sys
 print(f"\nprompt: {sys.argv[2]}")
-for r in rows:
+for line in open(sys.argv[1]):
+    r = json.loads(line)
     print(f"\n--- {r['adapter'] or 'base'}:\n{r['text'].strip()}")
-print(f"\nonnxruntime-genai, int4 CPU bundle, {os.cpu_count()} cores (prefill + decode, greedy):")
-print(f"{'adapter':<9} {'tokens':>6} {'seconds':>8} {'tok/s':>6}")
-for r in rows:
-    print(f"{r['adapter'] or 'base':<9} {r['completion_tokens']:>6} {r['seconds']:>8.2f} "
-          f"{r['completion_tokens'] / r['seconds']:>6.0f}")
+print()
 PY
+
+# The benchmark table: onnxruntime-genai vs PyTorch fp32 (+PEFT), per adapter, and the adapter cost.
+slmops bench "$out/bundle" --scenario 128:128 --reps 2
 echo "demo outputs: $out"

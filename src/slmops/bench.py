@@ -98,34 +98,9 @@ def bench(bundle: Path, options: BenchOptions, progress: Callable[[str], None] =
     bandwidth = run_engine({"engine": "bandwidth", "threads": options.threads})[0]["gbs"]
     report = Report(str(bundle), machine(), {**asdict(options), "ep": ep}, bandwidth,
                     {n: bytes_per_token(bundle, manifest, n, options.scenarios[0]) for n in names})
-    variant = f"{manifest['quantization']['precision']} {manifest['target']['name']}"
-    progress(f"onnxruntime-genai {variant}: {', '.join(names)}")
-    result, rss = run_engine({"engine": "onnxruntime-genai", "bundle": str(bundle), "adapters": names, **common})
-    report.adapter_load_ms, report.adapter_switch_ms = result["adapter_load_ms"], result["adapter_switch_ms"]
-    for name in names:
-        adapter_mb = 0 if name == "base" else (bundle / manifest["adapters"][name]["file"]).stat().st_size / 2**20
-        _add_rows(report, "onnxruntime-genai", variant, result["samples"], [name], options.scenarios,
-                  peak_rss_mb=rss, disk_mb=bundle_bytes(bundle) / 2**20 + adapter_mb)
-    for row in report.rows:
-        row.bound_fraction = row.decode_tps / (bandwidth * 1e9 / report.bytes_per_token[row.adapter])
-    if options.no_lora_base and manifest["lora_inputs"]["modules"]:
-        plain = no_lora_bundle(bundle, manifest, workdir or bench_dir(bundle), progress)
-        progress(f"onnxruntime-genai {variant}, no LoRA inputs")
-        result, rss = run_engine({"engine": "onnxruntime-genai", "bundle": str(plain), "adapters": ["base"], **common})
-        _add_rows(report, "onnxruntime-genai", f"{variant}, no LoRA inputs", result["samples"], ["base"],
-                  options.scenarios, peak_rss_mb=rss, disk_mb=bundle_bytes(plain) / 2**20)
+    _measure_ort(bundle, manifest, names, scenarios, common, options, report, progress, workdir)
     if options.pytorch:
-        from slmops.models import resolve_model
-        from slmops.parity import adapter_sources
-
-        progress("pytorch fp32 (transformers + peft)")
-        model = resolve_model(manifest["base"]["name"]).path
-        sources = adapter_sources(manifest, {}) if len(names) > 1 else {}
-        result, rss = run_engine({"engine": "pytorch", "model": str(model), **common, "reps": options.pytorch_reps,
-                                  "adapters": {n: str(p) for n, p in sources.items() if n in names}})
-        disk = sum(f.stat().st_size for f in Path(model).glob("*.safetensors"))
-        _add_rows(report, "pytorch", "fp32", result["samples"], names, options.scenarios, peak_rss_mb=rss,
-                  disk_mb=disk / 2**20)
+        _measure_pytorch(manifest, names, common, options, report, progress)
     if options.llamacpp:
         progress("llama.cpp")
         result, rss = run_engine({"engine": "llama.cpp", "gguf": options.llamacpp, **common})
@@ -133,6 +108,44 @@ def bench(bundle: Path, options: BenchOptions, progress: Callable[[str], None] =
                   peak_rss_mb=rss, disk_mb=Path(options.llamacpp).stat().st_size / 2**20)
     report.summary = summarise(report)
     return report
+
+
+def _measure_ort(bundle, manifest, names, scenarios, common, options, report, progress, workdir) -> None:
+    """The bundle, and the same base without LoRA inputs, interleaved in one process; memory measured apart."""
+    variant = f"{manifest['quantization']['precision']} {manifest['target']['name']}"
+    bundles, measured = {variant: str(bundle)}, {variant: names}
+    if options.no_lora_base and manifest["lora_inputs"]["modules"]:
+        plain = no_lora_bundle(bundle, manifest, workdir or bench_dir(bundle), progress)
+        bundles[f"{variant}, no LoRA inputs"], measured[f"{variant}, no LoRA inputs"] = str(plain), ["base"]
+    progress(f"onnxruntime-genai {', '.join(bundles)}: {', '.join(names)}")
+    result, _ = run_engine({"engine": "onnxruntime-genai", "bundles": bundles, "adapters": measured, **common})
+    report.adapter_load_ms, report.adapter_switch_ms = result["adapter_load_ms"], result["adapter_switch_ms"]
+    for v, path in bundles.items():
+        # peak memory of each bundle alone: a short run of the longest scenario with its adapters loaded
+        longest = max(scenarios, key=lambda s: len(s["ids"]))
+        _, rss = run_engine({"engine": "onnxruntime-genai", "bundles": {v: path}, "adapters": {v: measured[v]},
+                             **common, "scenarios": [dict(longest, new_tokens=2)], "reps": 1, "warmup": 0})
+        for name in measured[v]:
+            adapter_mb = 0 if name == "base" else (bundle / manifest["adapters"][name]["file"]).stat().st_size / 2**20
+            _add_rows(report, "onnxruntime-genai", v, [s for s in result["samples"] if s["variant"] == v], [name],
+                      options.scenarios, peak_rss_mb=rss, disk_mb=bundle_bytes(Path(path)) / 2**20 + adapter_mb)
+    for row in report.rows:
+        if "no LoRA" not in row.variant:
+            row.bound_fraction = row.decode_tps / (report.bandwidth_gbs * 1e9 / report.bytes_per_token[row.adapter])
+
+
+def _measure_pytorch(manifest, names, common, options, report, progress) -> None:
+    from slmops.models import resolve_model
+    from slmops.parity import adapter_sources
+
+    progress("pytorch fp32 (transformers + peft)")
+    model = resolve_model(manifest["base"]["name"]).path
+    sources = adapter_sources(manifest, {}) if len(names) > 1 else {}
+    result, rss = run_engine({"engine": "pytorch", "model": str(model), **common, "reps": options.pytorch_reps,
+                              "adapters": {n: str(p) for n, p in sources.items() if n in names}})
+    disk = sum(f.stat().st_size for f in Path(model).glob("*.safetensors"))
+    _add_rows(report, "pytorch", "fp32", result["samples"], names, options.scenarios, peak_rss_mb=rss,
+              disk_mb=disk / 2**20)
 
 
 def select_ep(requested: Optional[str], manifest: dict) -> str:

@@ -26,27 +26,31 @@ def sample(prompt_tokens: int, new_tokens: int, prefill_s: float, first_s: float
     }
 
 
-def onnxruntime_genai(bundle: str, adapters: list, scenarios: list, reps: int, warmup: int, threads: int,
+def onnxruntime_genai(bundles: dict, adapters: dict, scenarios: list, reps: int, warmup: int, threads: int,
                       **_) -> dict:
-    """The bundle: every adapter loaded (load time each), each measured per scenario, then the switch time."""
+    """Bundles on onnxruntime-genai, every adapter loaded (load time each), then per scenario and repetition
+    one run of every (bundle, adapter) in turn, so slow drifts of a shared machine hit all of them alike."""
     from slmops.runtime import Runtime
 
-    runtime = Runtime(bundle, threads=threads)
+    runtimes = {variant: Runtime(path, threads=threads) for variant, path in bundles.items()}
     loads = {}
-    for name in adapters:
-        if name != "base":
-            start = time.perf_counter()
-            runtime.load_adapter(name)
-            loads[name] = (time.perf_counter() - start) * 1000
+    for variant, names in adapters.items():
+        for name in names:
+            if name != "base":
+                start = time.perf_counter()
+                runtimes[variant].load_adapter(name)
+                loads[name] = (time.perf_counter() - start) * 1000
     out = []
-    for name in adapters:
-        for scenario in scenarios:
-            for rep in range(warmup + reps):
-                timed = _ort_generate(runtime, scenario["ids"], scenario["new_tokens"], name)
-                if rep >= warmup:
-                    out.append(dict(timed, adapter=name, scenario=scenario["name"]))
+    for scenario in scenarios:
+        for rep in range(warmup + reps):
+            for variant, names in adapters.items():
+                for name in names:
+                    timed = _ort_generate(runtimes[variant], scenario["ids"], scenario["new_tokens"], name)
+                    if rep >= warmup:
+                        out.append(dict(timed, variant=variant, adapter=name, scenario=scenario["name"]))
+    first = next(iter(adapters))
     return {"samples": out, "adapter_load_ms": loads,
-            "adapter_switch_ms": _switch_ms(runtime, [n for n in adapters if n != "base"])}
+            "adapter_switch_ms": _switch_ms(runtimes[first], [n for n in adapters[first] if n != "base"])}
 
 
 def _ort_generate(runtime, ids: list[int], new_tokens: int, adapter: str) -> dict:
@@ -155,7 +159,7 @@ def llamacpp(gguf: str, scenarios: list, reps: int, warmup: int, threads: int, *
     return {"samples": out}
 
 
-def bandwidth(threads: int, size_mb: int = 512, rounds: int = 5, **_) -> dict:
+def bandwidth(threads: int, size_mb: int = 512, rounds: int = 10, **_) -> dict:
     """Memory read bandwidth in GB/s: the best of several multi-threaded sums over a buffer far larger than cache."""
     import torch
 
