@@ -75,3 +75,28 @@ def test_onnxruntime_genai_still_claims_npu_providers_on_a_cpu_build():
     if "QNNExecutionProvider" in ort.get_available_providers():
         return  # a machine that really has QNN proves nothing
     assert og.is_qnn_available()
+
+
+def test_olive_cache_still_takes_config_strings_for_paths(tmp_path, monkeypatch):
+    """Why slmops.compat.olive_cwd runs Olive from an empty folder: a config value such as
+    precision 'fp32' is taken for a file when the working directory has a folder 'fp32'.
+    Fails once Olive stops doing that."""
+    from olive.resource_path import find_all_resources
+
+    (tmp_path / "fp32").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert find_all_resources({"passes": {"builder": {"precision": "fp32"}}})
+
+
+def test_export_runs_from_a_folder_with_confusing_names(tiny_model, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from test_export import make_adapter
+
+    from slmops.cli import cli
+
+    qv = make_adapter(tiny_model, tmp_path / "qv", 4, ["q_proj", "v_proj"], seed=1)
+    (tmp_path / "fp32").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["export", "-m", str(tiny_model), "-a", f"qv={qv}", "-p", "fp32", "-o", "b"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "b" / "slmops.json").is_file()

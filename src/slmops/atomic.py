@@ -27,7 +27,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     On any error or interrupt the temporary folder is removed, so no half-written output ever
     carries the target's name. An existing target is never overwritten.
     """
-    target = Path(target)
+    target = Path(target).absolute()  # configs built inside name absolute paths (Olive runs elsewhere)
     if target.exists():
         raise RunError(f"output folder '{target}' already exists; pass another -o/--output, or remove it")
     target.parent.mkdir(parents=True, exist_ok=True)

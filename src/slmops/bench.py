@@ -148,6 +148,12 @@ def _measure_pytorch(manifest, names, common, options, report, progress) -> None
               disk_mb=disk / 2**20)
 
 
+def planned_steps(options: BenchOptions, manifest: dict) -> int:
+    """How many progress messages bench() will give (for a [k/N] display)."""
+    no_lora = options.no_lora_base and bool(manifest["lora_inputs"]["modules"])
+    return 2 + no_lora + options.pytorch + bool(options.llamacpp)  # +1 more if the no-LoRA base must be built
+
+
 def select_ep(requested: Optional[str], manifest: dict) -> str:
     """The EP to measure on: it must be available here and be the one the bundle was built for."""
     available = available_eps()

@@ -6,6 +6,11 @@ tests/test_compat.py that fails once the upstream package no longer needs it.
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
 
 def silence_olive_telemetry() -> None:
     """Install a do-nothing Olive telemetry singleton before Olive makes its own.
@@ -23,3 +28,21 @@ def silence_olive_telemetry() -> None:
     quiet._logger = None
     quiet._cache_handler = None
     Telemetry._instance = quiet
+
+
+@contextmanager
+def olive_cwd(folder: Path) -> Iterator[None]:
+    """Run Olive from an empty working directory (every path in the config must be absolute).
+
+    olive-ai 0.13's cache (``find_all_resources``) takes any config string that names an existing
+    path relative to the working directory for a file: with a folder ``fp32`` there, ModelBuilder's
+    ``precision: fp32`` becomes ``/that/dir/fp32`` and the run fails validation.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)

@@ -20,6 +20,7 @@ from typing import Optional
 from slmops import bundle as bundle_mod
 from slmops import lora
 from slmops.atomic import atomic_dir
+from slmops.compat import olive_cwd
 from slmops.errors import RunError
 from slmops.models import ResolvedModel, model_fingerprint
 from slmops.olive_config import workflow
@@ -261,7 +262,7 @@ def _run_olive(config: dict) -> Path:
 
     if logging.getLogger("slmops").isEnabledFor(logging.INFO):
         config = dict(config, log_severity_level=1)
-    with library_output_to_stderr():
+    with library_output_to_stderr(), olive_cwd(Path(config["output_dir"]).parent / "cwd"):
         olive_run(copy.deepcopy(config), package_config=package_config())  # Olive mutates the config
     found = sorted(Path(config["output_dir"]).rglob("genai_config.json"))
     if not found:

@@ -23,6 +23,7 @@ from typing import Optional
 
 from slmops import data as data_mod
 from slmops.atomic import atomic_dir
+from slmops.compat import olive_cwd
 from slmops.errors import RunError
 from slmops.models import ResolvedModel, model_fingerprint, resolve_model
 from slmops.olive_config import SFT_PASS, Sources, package_config, render_finetune, validate_with_olive
@@ -128,7 +129,7 @@ def _train(p: Plan, config: dict, tmp: Path, result: FinetuneResult) -> None:
     import slmops.olive_data  # noqa: F401 - registers slmops' data components with Olive
 
     start = time.monotonic()
-    with library_output_to_stderr():
+    with library_output_to_stderr(), olive_cwd(tmp / "work" / "cwd"):
         workflow = olive_run(copy.deepcopy(config), package_config=package_config())  # Olive mutates it
     result.seconds = round(time.monotonic() - start, 1)
     adapter = _find_adapter(workflow, Path(config["output_dir"]))

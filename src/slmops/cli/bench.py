@@ -73,7 +73,8 @@ def bench_command(bundle, ep, adapters, scenarios, reps, warmup, threads, baseli
         options.threads = threads
     bench_mod.select_ep(ep, manifest)  # refuse an unavailable EP before any work
     quiet = as_json or as_csv
-    report = bench_mod.bench(bundle, options, progress=(lambda m: None) if quiet else _progress())
+    total = bench_mod.planned_steps(options, manifest)
+    report = bench_mod.bench(bundle, options, progress=(lambda m: None) if quiet else _progress(total))
     folder = output or bench_mod.bench_dir(bundle)
     written = write_reports(report, folder)
     if as_json:
@@ -139,11 +140,15 @@ def _gguf(gguf: Path | None, manifest: dict) -> Path:
     return embedded_gguf(manifest["base"]["name"])
 
 
-def _progress():
-    step = [0]
+def _progress(total: int | None = None):
+    """[k/N] step lines on stderr, with the time since the start."""
+    import time
+
+    step, start = [0], time.monotonic()
 
     def say(message: str) -> None:
         step[0] += 1
-        click.echo(f"[{step[0]}] {message}", err=True)
+        of = f"/{max(total, step[0])}" if total else ""
+        click.echo(f"[{step[0]}{of}] {time.monotonic() - start:5.0f}s  {message}", err=True)
 
     return say
