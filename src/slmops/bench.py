@@ -106,7 +106,7 @@ def bench(bundle: Path, options: BenchOptions, progress: Callable[[str], None] =
         result, rss = run_engine({"engine": "llama.cpp", "gguf": options.llamacpp, **common})
         _add_rows(report, "llama.cpp", Path(options.llamacpp).name, result["samples"], ["base"], options.scenarios,
                   peak_rss_mb=rss, disk_mb=Path(options.llamacpp).stat().st_size / 2**20)
-    report.summary = summarise(report)
+    report.summary, report.adapter_overhead = summarise(report)
     return report
 
 
@@ -353,18 +353,19 @@ def bench_dir(bundle: Path) -> Path:
     return bundle.parent / f"{bundle.name}-bench"
 
 
-def summarise(report: Report) -> dict:
-    """The headline numbers: ORT vs PyTorch and llama.cpp decode, adapter overhead, switch time."""
-    def decode(engine, adapter, scenario, variant_filter=lambda v: "no LoRA" not in v):
+def summarise(report: Report) -> tuple[dict, dict]:
+    """The headline numbers per scenario (ORT vs PyTorch and llama.cpp decode), and the adapter overhead:
+    the share of decode speed lost against the same base without LoRA inputs."""
+    def decode(engine, adapter, scenario, plain=False):
         rows = [r for r in report.rows if r.engine == engine and r.adapter == adapter and r.scenario == scenario
-                and variant_filter(r.variant)]
+                and ("no LoRA" in r.variant) == plain]
         return rows[0].decode_tps if rows else None
 
-    out = {}
+    summary, overhead = {}, {}
+    adapters = list(dict.fromkeys(r.adapter for r in report.rows if r.adapter != "base"))
     for s in dict.fromkeys(r.scenario for r in report.rows):
-        ort, torch_ = decode("onnxruntime-genai", "base", s), decode("pytorch", "base", s)
-        llama = decode("llama.cpp", "base", s)
-        plain = decode("onnxruntime-genai", "base", s, lambda v: "no LoRA" in v)
+        ort, torch_, llama = (decode(e, "base", s) for e in ("onnxruntime-genai", "pytorch", "llama.cpp"))
+        plain = decode("onnxruntime-genai", "base", s, plain=True)
         entry = {"ort_decode_tps": ort}
         if ort and torch_:
             entry["x_pytorch"] = ort / torch_
@@ -372,12 +373,8 @@ def summarise(report: Report) -> dict:
             entry["x_llamacpp"] = ort / llama
         if plain:
             entry["no_lora_decode_tps"] = plain
-            for name in {r.adapter for r in report.rows if r.adapter != "base"}:
-                with_adapter = decode("onnxruntime-genai", name, s)
-                if with_adapter:
-                    report.adapter_overhead.setdefault(s, {})[name] = 1 - with_adapter / plain
-            base_with_inputs = decode("onnxruntime-genai", "base", s)
-            if base_with_inputs:
-                report.adapter_overhead.setdefault(s, {})["base (empty LoRA inputs)"] = 1 - base_with_inputs / plain
-        out[s] = entry
-    return out
+            measured = {name: decode("onnxruntime-genai", name, s) for name in adapters}
+            measured["base (empty LoRA inputs)"] = ort
+            overhead[s] = {name: 1 - tps / plain for name, tps in measured.items() if tps}
+        summary[s] = entry
+    return summary, overhead
