@@ -127,6 +127,7 @@ def test_matrix_exports_and_compares(tiny_model, tmp_path):
     assert all(r["agreement"] == 1.0 for r in rows if r["precision"] == "fp32")
     assert all(r["x_pytorch"] > 0 and r["decode_tps"] > 0 for r in rows)
     assert (out / "matrix.md").read_text().count("| cpu |") == 4
+    assert (out / "matrix.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "cpu-int4" / "slmops.json").is_file()
 
 

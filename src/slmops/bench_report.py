@@ -174,6 +174,8 @@ def write_matrix(rows: list[MatrixRow], machine: dict, folder: Path, scenario: s
           f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB. {versions}.", "",
           "| " + " | ".join(h for h, _, _ in MATRIX_COLUMNS) + " |", "|" + "---|" * len(MATRIX_COLUMNS)]
     md += ["| " + " | ".join(_matrix_cells(r)) + " |" for r in rows]
+    md += ["", "![matrix.png](matrix.png)"]
+    _matrix_chart(rows, folder / "matrix.png", scenario)
     outputs = {"matrix.json": json.dumps({"machine": machine, "scenario": scenario,
                                           "rows": [asdict(r) for r in rows]}, indent=2),
                "matrix.md": "\n".join(md) + "\n"}
@@ -181,4 +183,24 @@ def write_matrix(rows: list[MatrixRow], machine: dict, folder: Path, scenario: s
         tmp = folder / f".{name}.partial"
         tmp.write_text(text)
         tmp.rename(folder / name)
-    return [folder / n for n in outputs]
+    return [folder / n for n in (*outputs, "matrix.png")]
+
+
+def _matrix_chart(rows: list[MatrixRow], path: Path, scenario: str) -> None:
+    """Decode tok/s per target, precision and adapter, each bar labelled with its agreement."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * max(1, len(rows))))
+    labels = [f"{r.target} {r.precision} / {r.adapter}" for r in rows]
+    bars = ax.barh(labels, [r.decode_tps for r in rows], color="#1f77b4")
+    for bar, r in zip(bars, rows):
+        if r.agreement is not None:
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {r.agreement:.0%} agree",
+                    va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"decode tokens/s ({scenario}); label: top-1 agreement with PyTorch fp32")
+    fig.tight_layout()
+    _save(fig, path)
