@@ -38,7 +38,7 @@ def cli(verbose: bool) -> None:
 
 def _register() -> None:
     from slmops.cli import eval as eval_cli
-    from slmops.cli import bench, export, finetune, generate, recipes
+    from slmops.cli import bench, export, finetune, generate, recipes, serve
 
     cli.add_command(finetune.finetune_command)
     cli.add_command(export.export_command)
@@ -46,6 +46,7 @@ def _register() -> None:
     cli.add_command(generate.generate_command)
     cli.add_command(generate.chat_command)
     cli.add_command(bench.bench_command)
+    cli.add_command(serve.serve_command)
     cli.add_command(eval_cli.eval_command)
     cli.add_command(recipes.recipes_group)
 
