@@ -270,16 +270,17 @@ def matrix(model: str, adapters: dict[str, Path], precisions: list[str], options
     from slmops.parity import adapter_sources, check_parity
 
     targets = [t for t in available_eps() if t in TARGETS]
-    cells = [(t, p) for t in targets for p in precisions if p in TARGETS[t].precisions]
+    cells = [(t, p) for t in targets for p in precisions if p.partition(":")[0] in TARGETS[t].precisions]
     if not cells:
         raise BundleError(f"no precision in {', '.join(precisions)} fits the targets available here "
                           f"({', '.join(targets)})")
     rows, torch_tps = [], {}
     for i, (target, precision) in enumerate(cells):
-        bundle = out / f"{target}-{precision}"
+        bundle = out / f"{target}-{precision.replace(':', '-')}"
         if not (bundle / "slmops.json").is_file():
             progress(f"export {target} {precision}")
-            run_export(["-m", model, "-t", target, "-p", precision,
+            bits, _, algo = precision.partition(":")  # int4:k_quant_mixed names the int4 method
+            run_export(["-m", model, "-t", target, "-p", bits, *(["--int4-algo", algo] if algo else []),
                         *(f for name, path in adapters.items() for f in ("-a", f"{name}={path}"))],
                        bundle, "other --precisions")
         cell = BenchOptions(**{**asdict(options), "pytorch": options.pytorch and i == 0, "ep": target,
@@ -293,7 +294,7 @@ def matrix(model: str, adapters: dict[str, Path], precisions: list[str], options
         for r in report.rows:
             if r.engine == "onnxruntime-genai":
                 x = r.decode_tps / torch_tps[r.adapter] if torch_tps.get(r.adapter) else None
-                rows.append(MatrixRow(target, precision, r.adapter, agreement.get(r.adapter), r.decode_tps,
+                rows.append(MatrixRow(target, precision.replace(":", " "), r.adapter, agreement.get(r.adapter), r.decode_tps,
                                       r.prefill_tps, r.ttft_ms, x, r.disk_mb, r.peak_rss_mb, str(bundle)))
     return rows
 

@@ -42,7 +42,8 @@ def parse_scenario(text: str):
 @click.option("-r", "--recipe", default=None, help="With --matrix: the recipe (its model; adapters from --adapter "
               "NAME=PATH, else its newest finetune output).")
 @click.option("-m", "--model", default=None, help="With --matrix: the base model (default: the recipe's).")
-@click.option("--precisions", default="int4,int8,fp32", show_default=True, help="With --matrix: precisions to try.")
+@click.option("--precisions", default="int4,int8,fp32", show_default=True,
+              help="With --matrix: precisions to try; int4:METHOD picks the int4 method (e.g. int4:rtn).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of the table.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print the rows as CSV instead of the table.")
 def bench_command(bundle, ep, adapters, scenarios, reps, warmup, threads, baselines, pytorch_reps, gguf, no_lora_base,
@@ -105,10 +106,15 @@ def _matrix(bundle, recipe, model, adapters, precisions, scenarios, reps, warmup
     named = {n: p for n, p in parse_named_paths(tuple(a for a in adapters), "--adapter").items()}
     if r and not named:
         named = {r.name: _latest_run(r.name)}
+    from slmops.recipe import ExportSection
+
+    algos = ExportSection.model_fields["int4_algo"].annotation.__args__
+    known = {"int4", "int8", "fp16", "fp32", *(f"int4:{a}" for a in algos)}
     wanted = [p.strip() for p in precisions.split(",") if p.strip()]
-    bad = [p for p in wanted if p not in ("int4", "int8", "fp16", "fp32")]
+    bad = [p for p in wanted if p not in known]
     if bad:
-        raise RunError(f"--precisions {', '.join(bad)}: choose from int4, int8, fp16, fp32")
+        raise RunError(f"--precisions {', '.join(bad)}: choose from int4, int8, fp16, fp32, or int4:METHOD with "
+                       f"METHOD one of {', '.join(algos)}")
     options = bench_mod.BenchOptions(
         reps=reps, warmup=warmup, pytorch="none" not in baselines,
         scenarios=tuple(parse_scenario(s) for s in scenarios) or bench_mod.DEFAULT_SCENARIOS[:1])
