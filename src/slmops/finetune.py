@@ -105,6 +105,20 @@ def check_qlora() -> None:
         ) from None
 
 
+def default_output(recipe_name: str) -> Path:
+    """Where a run goes without -o: outputs/<recipe>-<sortable timestamp>."""
+    return Path("outputs") / f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def latest_run(recipe_name: str) -> Path:
+    """The newest finetune output of a recipe in its default place (what export/bench use without --adapter)."""
+    runs = sorted(p.parent for p in Path("outputs").glob(f"{recipe_name}-*/adapter/adapter_config.json"))
+    if not runs:
+        raise RunError(f"no adapter given and no finetune output of recipe {recipe_name} under outputs/; "
+                       f"run `slmops finetune --recipe {recipe_name}` first, or pass --adapter NAME=PATH")
+    return runs[-1]  # names end in a sortable timestamp
+
+
 def finetune(recipe: Recipe, output_dir: Path, dry_run: bool = False) -> FinetuneResult:
     """Plan, render the Olive config, run it (unless dry_run) and write the output folder."""
     p = plan(recipe)

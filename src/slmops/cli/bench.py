@@ -95,7 +95,8 @@ def _matrix(bundle, recipe, model, adapters, precisions, scenarios, reps, warmup
 
     from slmops import bench as bench_mod
     from slmops.bench_report import matrix_table, write_matrix
-    from slmops.cli.export import _latest_run, parse_named_paths
+    from slmops.cli.export import parse_named_paths
+    from slmops.finetune import latest_run
     from slmops.recipe import load_recipe
 
     if bundle is not None:
@@ -103,9 +104,9 @@ def _matrix(bundle, recipe, model, adapters, precisions, scenarios, reps, warmup
     if not (recipe or model):
         raise RunError("--matrix needs --recipe R or --model M (and --adapter NAME=PATH for adapters)")
     r = load_recipe(recipe) if recipe else None
-    named = {n: p for n, p in parse_named_paths(tuple(a for a in adapters), "--adapter").items()}
+    named = parse_named_paths(adapters, "--adapter")
     if r and not named:
-        named = {r.name: _latest_run(r.name)}
+        named = {r.name: latest_run(r.name)}
     from slmops.recipe import ExportSection
 
     algos = ExportSection.model_fields["int4_algo"].annotation.__args__

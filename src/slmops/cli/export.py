@@ -57,6 +57,7 @@ def export_command(recipe, model, adapters, target, precision, int4_algo, block_
                    merge, hf_merged, into, output, dry_run, as_json) -> None:
     """Export a base model and its adapters to an ONNX Runtime GenAI bundle, through Olive."""
     from slmops.export import TARGETS, ExportRequest, Quantization, add_adapters, export
+    from slmops.finetune import latest_run
     from slmops.models import DEFAULT_MODEL, needs_hub, resolve_model
     from slmops.privacy import go_offline
     from slmops.recipe import ExportSection, load_recipe
@@ -64,7 +65,7 @@ def export_command(recipe, model, adapters, target, precision, int4_algo, block_
     named = parse_named_paths(adapters, "--adapter")
     r = load_recipe(recipe) if recipe else None
     if r and not named and not into:
-        named = {r.name: _latest_run(r.name)}
+        named = {r.name: latest_run(r.name)}
     settings = r.export if r else ExportSection()
     model_name = model or (r.model.name if r else None)
     if into:
@@ -103,15 +104,6 @@ def export_command(recipe, model, adapters, target, precision, int4_algo, block_
         click.echo(f"  olive config  {output / cfg}")
     if not dry_run:
         click.echo(f"  time          {result.seconds:.1f} s\n  next          slmops generate {output} --prompt 'Hello'")
-
-
-def _latest_run(recipe_name: str) -> Path:
-    """The newest `slmops finetune` output of a recipe under outputs/ (its default output folder)."""
-    runs = sorted(p.parent for p in Path("outputs").glob(f"{recipe_name}-*/adapter/adapter_config.json"))
-    if not runs:
-        raise RunError(f"no adapter given and no finetune output of recipe {recipe_name} under outputs/; "
-                       f"run `slmops finetune --recipe {recipe_name}` first, or pass --adapter NAME=PATH")
-    return runs[-1]  # names end in a sortable timestamp
 
 
 def _refuse_with_into(output, *build_options) -> None:

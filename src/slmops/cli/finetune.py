@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,9 +25,9 @@ def finetune_command(recipe, model, data, output, sets, dry_run, as_json) -> Non
 
     r = load_recipe(recipe, flags={"model.name": model, **_data_flags(data)}, sets=list(sets))
     prepare_environment(r)
-    from slmops.finetune import finetune
+    from slmops.finetune import default_output, finetune
 
-    output = output or Path("outputs") / f"{r.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    output = output or default_output(r.name)
     result = finetune(r, output, dry_run=dry_run)
     if as_json:
         click.echo(json.dumps({k: v for k, v in asdict(result).items() if k != "log"}, indent=2))
