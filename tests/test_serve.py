@@ -38,7 +38,7 @@ def _start(app):
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    for _ in range(200):
+    for _ in range(1200):  # up to a minute on a loaded machine
         if server.started:
             return server, thread, port
         time.sleep(0.05)
@@ -64,7 +64,7 @@ def client(server):
 
 
 def raw(port, method, path, body=None, headers=None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
     conn.request(method, path, body=data, headers={"Content-Type": "application/json",
                                                   "Authorization": f"Bearer {KEY}", **(headers or {})})
