@@ -60,8 +60,8 @@ def fp32_bundle(tiny_model, adapters, tmp_path_factory):
 
 def test_bundle_layout_and_manifest(bundle, tiny_model):
     names = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()}
-    assert {"model.onnx", "genai_config.json", "tokenizer.json", "olive_config.json", "README.md", "slmops.json",
-            "adapters/qv.onnx_adapter", "adapters/all.onnx_adapter"} <= names
+    assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "olive_config.json", "README.md",
+            "slmops.json", "adapters/qv.onnx_adapter", "adapters/all.onnx_adapter"} <= names
     assert not any(p.name.startswith(".slmops-partial-") for p in bundle.parent.iterdir())
     manifest = json.loads((bundle / "slmops.json").read_text())
     assert set(manifest["files"]) == names - {"slmops.json"}
@@ -72,7 +72,7 @@ def test_bundle_layout_and_manifest(bundle, tiny_model):
     assert manifest["versions"]["olive-ai"] and manifest["versions"]["onnxruntime-genai"]
     assert "| qv | 4 | q_proj, v_proj |" in (bundle / "README.md").read_text()
     olive = json.loads((bundle / "olive_config.json").read_text())
-    assert [p["type"] for p in olive["passes"].values()] == ["ModelBuilder", "ExtractAdapters"]
+    assert [p["type"] for p in olive["passes"].values()] == ["ModelBuilder", "FuseLoRA", "ExtractAdapters"]
 
 
 def test_lora_stays_float_and_base_is_int4(bundle):
@@ -81,8 +81,12 @@ def test_lora_stays_float_and_base_is_int4(bundle):
     graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
     ops = {n.name: n.op_type for n in graph.node}
     lora = [name for name in ops if "/lora_" in name and name.endswith("/MatMul")]
-    assert len(lora) == 2 * 2 * len(ALL) and all(ops[n] == "MatMul" for n in lora)
-    assert sum(op == "MatMulNBits" for op in ops.values()) >= 2 * len(ALL)
+    # FuseLoRA: one A/B pair per layer for qkv, gate_up, o and down (not one per projection)
+    assert len(lora) == 2 * 2 * 4 and all(ops[n] == "MatMul" for n in lora)
+    assert {n.split("/")[4] for n in lora} == {"qkv_proj", "gate_up_proj", "o_proj", "down_proj"}
+    assert sum(op == "MatMulNBits" for op in ops.values()) >= 2 * 4
+    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(n.input[0].endswith("qkv_proj/lora/Add/output_0") and not n.input[1] for n in attention)
 
 
 def test_adapter_tensors_match_graph_inputs(bundle):
@@ -91,12 +95,16 @@ def test_adapter_tensors_match_graph_inputs(bundle):
 
     graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
     inputs = {i.name for i in graph.input if ".lora_" in i.name}
-    for name, rank in (("qv", 4), ("all", 8)):
+    # rank of each A: per projection the adapter's rank (zeros where untrained); a fused group the
+    # sum over its trained members, or the adapter's rank of zeros when it trains none of them
+    expected = {"qv": {"qkv_proj": 2 * 4, "gate_up_proj": 4, "o_proj": 4, "down_proj": 4},
+                "all": {"qkv_proj": 3 * 8, "gate_up_proj": 2 * 8, "o_proj": 8, "down_proj": 8}}
+    for name, ranks in expected.items():
         params = ort.AdapterFormat.read_adapter(str(bundle / f"adapters/{name}.onnx_adapter")).get_parameters()
-        assert set(params) == inputs  # padded: every LoRA input of the graph, one rank per adapter
-        assert {v.shape()[1] for k, v in params.items() if ".lora_A." in k} == {rank}
+        assert set(params) == inputs  # every LoRA input of the graph
+        assert {k.split(".")[4]: v.shape()[1] for k, v in params.items() if ".lora_A." in k} == ranks
     params = ort.AdapterFormat.read_adapter(str(bundle / "adapters/qv.onnx_adapter")).get_parameters()
-    assert not params["model.layers.0.mlp.up_proj.lora_B.MatMul.weight"].numpy().any()  # qv has no MLP LoRA
+    assert not params["model.layers.0.mlp.gate_up_proj.lora_B.MatMul.weight"].numpy().any()  # qv has no MLP LoRA
 
 
 def test_each_adapter_generates_differently(bundle):
@@ -198,9 +206,17 @@ def test_into_adds_an_adapter_without_rebuilding(bundle, tiny_model, tmp_path):
     assert code == 2 and "already has adapter(s) new" in out
 
 
-def test_into_refuses_module_the_graph_lacks(tiny_model, adapters, tmp_path):
+def test_qv_graph_takes_a_k_adapter_later_but_not_an_o_adapter(tiny_model, adapters, tmp_path):
+    # q/v adapters only: the fused qkv LoRA input also covers k (zero columns), so a k_proj adapter
+    # fits with --into; o_proj has no LoRA input at all and is refused.
     out = tmp_path / "qv-only"
     assert run("export", "-m", tiny_model, "-a", f"qv={adapters['qv']}", "-p", "fp32", "-o", out)[0] == 0
+    k_only = make_adapter(tiny_model, tmp_path / "k", 2, ["k_proj"], seed=6)
+    code, msg = run("export", "--into", out, "-a", f"k={k_only}")
+    assert code == 0, msg
+    code, msg = run("verify", out, "--parity", "--json")
+    assert code == 0, msg
+    assert all(r["max_abs_diff"] <= 1e-3 for r in json.loads(msg)["parity"]["rows"])
     code, msg = run("export", "--into", out, "-a", f"all={adapters['all']}")
     assert code == 2
     assert msg.startswith("Error: adapter 'all' trains ") and "export again with this adapter" in msg

@@ -2,8 +2,9 @@
 
 The route (see ../shared/PITFALLS.md): Olive's ModelBuilder pass builds the base from the HF model
 plus a zero LoRA covering every module any adapter trains, with the LoRA MatMuls excluded from
-quantization (floats, so adapters stay swappable); ExtractAdapters turns the LoRA weights into
-graph inputs of dynamic rank. Each adapter is then written as its own `.onnx_adapter` whose tensor
+quantization (floats, so adapters stay swappable); slmops' FuseLoRA pass packs each layer's q/k/v
+(and gate/up) with their LoRA into one base MatMul and one LoRA pair; ExtractAdapters turns the LoRA
+weights into graph inputs of dynamic rank. Each adapter is then written as its own `.onnx_adapter` whose tensor
 names are the graph's inputs, zero-padded over modules it does not train.
 """
 
@@ -104,14 +105,19 @@ def render_export(model_path: str, target: Target, quant: Quantization, adapter_
         if lora_nodes:
             builder["int4_nodes_to_exclude"] = list(lora_nodes)  # LoRA stays float, so adapters stay swappable
     passes = {"builder": builder}
+    # Weights beside the graph, as the builder writes them: ORT maps them instead of holding the
+    # protobuf and a copy (-200 MB RSS on SmolLM2), and graphs over 2 GB can be saved at all.
+    external = {"save_as_external_data": True}
     if quant.precision == "int8":
         # The builder has no int8: Olive's 8-bit k-quant on the fp32 graph. (Its block-wise RTN pass
         # renames the graph output `logits` to `logits_Q8`, which onnxruntime-genai cannot run.)
         passes["int8"] = {"type": "OnnxKQuantQuantization", "bits": 8, "block_size": quant.block_size,
-                          "accuracy_level": quant.accuracy_level, "nodes_to_exclude": list(lora_nodes)}
+                          "accuracy_level": quant.accuracy_level, "nodes_to_exclude": list(lora_nodes), **external}
     if adapter_path:
+        # One base MatMul and one LoRA pair per q/k/v (gate/up) group: fewer tiny decode kernels.
+        passes["fuse_lora"] = {"type": "FuseLoRA", **external}
         passes["adapters"] = {"type": "ExtractAdapters", "make_inputs": True, "dynamic_lora_r": True,
-                              "save_format": "onnx_adapter"}
+                              "save_format": "onnx_adapter", **external}
     if target.static_shapes:
         passes["static"] = {"type": "StaticLLM", "batch_size": 1, "context_length": 64}
     input_model = {"type": "HfModel", "model_path": model_path, "task": "text-generation"}
@@ -221,7 +227,7 @@ def export(req: ExportRequest, output: Path, dry_run: bool = False, progress=Non
         inputs = graph_lora_inputs(tmp / "model.onnx") if run_time else {}
         for adapter in run_time:
             _say(progress, f"adapter {adapter.name}")
-            write_onnx_adapter(adapter, inputs, tmp / "adapters" / f"{adapter.name}.onnx_adapter")
+            write_onnx_adapter(adapter, inputs, shapes, tmp / "adapters" / f"{adapter.name}.onnx_adapter")
             result.adapters[adapter.name] = adapter_record(adapter)
         for name, cfg in merged_configs.items():
             _say(progress, f"merged model for {name}")
@@ -280,6 +286,7 @@ def _copy_model(src: Path, dest: Path) -> None:
     for item in src.iterdir():
         if item.name not in _SKIP and item.is_file():
             shutil.copy2(item, dest / item.name)
+            (dest / item.name).chmod(0o644)  # Olive writes external data owner-only
 
 
 def graph_lora_inputs(model_file: Path) -> dict[str, tuple[int, int]]:
@@ -295,10 +302,11 @@ def graph_lora_inputs(model_file: Path) -> dict[str, tuple[int, int]]:
     return inputs
 
 
-def write_onnx_adapter(adapter: lora.Adapter, inputs: dict[str, tuple[int, int]], path: Path) -> None:
+def write_onnx_adapter(adapter: lora.Adapter, inputs: dict[str, tuple[int, int]],
+                       shapes: dict[tuple[int, str], tuple[int, int]], path: Path) -> None:
     import onnxruntime as ort
 
-    tensors = lora.onnx_tensors(adapter, inputs)
+    tensors = lora.onnx_tensors(adapter, inputs, shapes)
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(1)
@@ -374,13 +382,13 @@ def add_adapters(bundle_dir: Path, adapters: dict[str, Path], model: ResolvedMod
     for adapter in loaded:
         _check_base(adapter, model, fingerprint)
         lora.check_fits(adapter, n_layers, shapes, model.name)
-        lora.onnx_tensors(adapter, inputs)  # refuses modules the graph has no input for, before writing
+        lora.onnx_tensors(adapter, inputs, shapes)  # refuses modules the graph has no input for, before writing
     written = []
     try:
         for adapter in loaded:
             _say(progress, f"adapter {adapter.name}")
             path = bundle_dir / "adapters" / f"{adapter.name}.onnx_adapter"
-            write_onnx_adapter(adapter, inputs, path)
+            write_onnx_adapter(adapter, inputs, shapes, path)
             written.append(path)
             manifest["adapters"][adapter.name] = adapter_record(adapter)
         bundle_mod.write_bundle_metadata(bundle_dir, manifest)

@@ -22,6 +22,10 @@ MODULES = {
     "down_proj": ("mlp", "down_proj"),
 }
 _PEFT_BLOCK = {"attn": "self_attn", "mlp": "mlp"}
+# Projections that read the same input, which slmops' FuseLoRA pass packs into one base MatMul with
+# one LoRA pair: group -> (block, members in output order).
+FUSED_GROUPS = {"qkv_proj": ("attn", ("q_proj", "k_proj", "v_proj")), "gate_up_proj": ("mlp", ("gate_proj", "up_proj"))}
+_FUSED_INPUT = re.compile(rf"^model\.layers\.(\d+)\.(?:attn|mlp)\.({'|'.join(FUSED_GROUPS)})\.lora_([AB])\.MatMul\.weight$")
 _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
 
@@ -102,6 +106,14 @@ def graph_input(layer: int, module: str, ab: str) -> str:
     return f"model.layers.{layer}.{block}.{proj}.lora_{ab}.MatMul.weight"
 
 
+def fused_input(layer: int, module: str, ab: str) -> Optional[str]:
+    """The FuseLoRA graph input that carries this module's LoRA, if its group is fused."""
+    for group, (block, members) in FUSED_GROUPS.items():
+        if module in members:
+            return f"model.layers.{layer}.{block}.{group}.lora_{ab}.MatMul.weight"
+    return None
+
+
 def graph_node(layer: int, module: str, ab: str) -> str:
     block, proj = MODULES[module]
     return f"/model/layers.{layer}/{block}/{proj}/lora_{ab}/MatMul"
@@ -150,44 +162,87 @@ def scaling(config: dict, layer: int, module: str, rank: int) -> float:
     return alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
 
 
-def onnx_tensors(adapter: Adapter, graph_inputs: dict[str, tuple[int, int]]) -> dict:
+def onnx_tensors(adapter: Adapter, graph_inputs: dict[str, tuple[int, int]],
+                 shapes: dict[tuple[int, str], tuple[int, int]]) -> dict:
     """The adapter as numpy arrays named after the graph's LoRA inputs, zero-padded where it has no weights.
 
-    `graph_inputs` maps every LoRA input of the graph to (in, out) of its MatMul. ONNX Runtime needs
-    every LoRA input fed with one common rank in a run, so modules the adapter leaves out, and
-    modules of a smaller rank (rank_pattern), get zeros up to the adapter's largest rank.
+    `graph_inputs` maps every LoRA input of the graph to (in, out) of its MatMul; `shapes` is the
+    base's (layer, module) -> (in, out). A per-module input takes the module's A or B, zero-padded
+    up to the adapter's rank (rank_pattern) or all zeros if the adapter leaves the module out. A
+    fused group's input (FuseLoRA) takes the trained members' A side by side and their B on the
+    block diagonal, each member's B in its own output columns.
     """
     import numpy as np
-    from safetensors import safe_open
 
-    rank = adapter.rank
-    values = {}
-    with safe_open(str(adapter.path / "adapter_model.safetensors"), framework="pt") as fh:
-        keys = {}
-        for key in fh.keys():
-            match = _KEY.search(key)
-            keys[(int(match.group(1)), match.group(2), match.group(3))] = key
-        for (layer, module, ab), key in keys.items():
-            name = graph_input(layer, module, ab)
-            if name not in graph_inputs:
-                raise RunError(f"adapter '{adapter.name}' trains {module} in layer {layer}, which the bundle's "
-                               "graph has no LoRA input for; export again with this adapter (or --lora-modules "
-                               "covering it) so the base graph includes it")
-            tensor = fh.get_tensor(key).float()
-            if ab == "B":
-                tensor = tensor * scaling(adapter.config, layer, module, tensor.shape[1])
-            values[name] = tensor.T.contiguous().numpy()  # MatMul layout: [in, r] and [r, out]
+    weights = _matmul_weights(adapter)
+    for layer, module, ab in weights:
+        if graph_input(layer, module, ab) not in graph_inputs and fused_input(layer, module, ab) not in graph_inputs:
+            raise RunError(f"adapter '{adapter.name}' trains {module} in layer {layer}, which the bundle's "
+                           "graph has no LoRA input for; export again with this adapter (or --lora-modules "
+                           "covering it) so the base graph includes it")
+    rank, values = adapter.rank, {}
+    by_name = {graph_input(*key): w for key, w in weights.items()}
     for name, (in_f, out_f) in graph_inputs.items():
         is_a = ".lora_A." in name
+        fused = _FUSED_INPUT.match(name)
+        if fused:
+            values[name] = _fused_tensor(weights, int(fused.group(1)), fused.group(2), is_a, shapes,
+                                         np.zeros((in_f, rank) if is_a else (rank, out_f), dtype=np.float32))
+            continue
         full = np.zeros((in_f, rank) if is_a else (rank, out_f), dtype=np.float32)
-        if name in values:
-            have = values[name]
+        have = by_name.get(name)
+        if have is not None:
             if is_a:
                 full[:, : have.shape[1]] = have
             else:
                 full[: have.shape[0], :] = have
         values[name] = full
     return values
+
+
+def _matmul_weights(adapter: Adapter) -> dict:
+    """(layer, module, "A"|"B") -> float32 array in MatMul layout ([in, r], [r, out]), B times PEFT's scaling."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(adapter.path / "adapter_model.safetensors"), framework="pt") as fh:
+        for key in fh.keys():
+            match = _KEY.search(key)
+            layer, module, ab = int(match.group(1)), match.group(2), match.group(3)
+            tensor = fh.get_tensor(key).float()
+            if ab == "B":
+                tensor = tensor * scaling(adapter.config, layer, module, tensor.shape[1])
+            out[(layer, module, ab)] = tensor.T.contiguous().numpy()
+    return out
+
+
+def _fused_tensor(weights: dict, layer: int, group: str, is_a: bool, shapes: dict, empty):
+    """One fused group's A ([in, sum r]) or B ([sum r, sum out], block-diagonal); `empty` if no member is trained."""
+    import numpy as np
+
+    members = FUSED_GROUPS[group][1]
+    trained = [m for m in members if (layer, m, "A") in weights]
+    if not trained:
+        return empty
+    if is_a:
+        return np.concatenate([weights[(layer, m, "A")] for m in trained], axis=1)
+    return block_diagonal([weights.get((layer, m, "B")) for m in members], [shapes[(layer, m)][1] for m in members])
+
+
+def block_diagonal(parts: list, widths: list[int]):
+    """Stack B matrices ([r_i, out_i], or None for an untrained member) into [sum r_i, sum widths]:
+    each in its own rows and its member's columns, zeros elsewhere."""
+    import numpy as np
+
+    present = [p for p in parts if p is not None]
+    b = np.zeros((sum(p.shape[0] for p in present), sum(widths)), dtype=present[0].dtype)
+    row = col = 0
+    for part, width in zip(parts, widths):
+        if part is not None:
+            b[row: row + part.shape[0], col: col + width] = part
+            row += part.shape[0]
+        col += width
+    return b
 
 
 def union_adapter(adapters: list[Adapter], modules: set[str], n_layers: int,
