@@ -7,6 +7,8 @@ tests/test_compat.py that fails once the upstream package no longer needs it.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -46,3 +48,40 @@ def olive_cwd(folder: Path) -> Iterator[None]:
         yield
     finally:
         os.chdir(previous)
+
+
+_INTERRUPTS: list[int] = []  # signals honour_interrupts() caught during the current command
+
+
+@contextmanager
+def honour_interrupts() -> Iterator[None]:
+    """Ctrl-C (and SIGTERM) stop the command even when a library swallows the KeyboardInterrupt.
+
+    onnxruntime-genai 0.14's model builder reads the generation config inside a bare
+    ``except: pass``; a Ctrl-C landing there vanished and the export finished as if nothing
+    happened. The handler records the signal: raise_if_interrupted() (called before an output is
+    published, and after Olive returns) and the end of the block raise it again.
+    SIGTERM becomes an interrupt too, so a plain `kill` also removes partial output.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        _INTERRUPTS.append(signum)
+        raise KeyboardInterrupt
+
+    _INTERRUPTS.clear()
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    raise_if_interrupted()
+
+
+def raise_if_interrupted() -> None:
+    if _INTERRUPTS:
+        _INTERRUPTS.clear()
+        raise KeyboardInterrupt

@@ -119,7 +119,23 @@ def _read_file(path: Path) -> list[Row]:
         return _parse_jsonl(path, text)
     if suffix == ".json":
         return _parse_json(path, text)
-    return [(i, dict(row)) for i, row in enumerate(csv.DictReader(io.StringIO(text)), start=2)]
+    return _parse_csv(path, text)
+
+
+def _parse_csv(path: Path, text: str) -> list[Row]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows, problems = [], Problems(str(path))
+    try:
+        for number, row in enumerate(reader, start=2):
+            if None in row:  # DictReader files surplus values under None
+                problems.add(number, None, f"{len(row[None])} more value(s) than the header has columns")
+                continue
+            rows.append((number, dict(row)))
+    except csv.Error as exc:
+        raise DataError(f"{path}: line {reader.line_num} is not valid CSV ({exc}); fix the file, "
+                        "or save the data as .jsonl") from None
+    problems.raise_if_any("fix those lines (quote values that contain commas)")
+    return rows
 
 
 def _parse_jsonl(path: Path, text: str) -> list[Row]:
@@ -211,6 +227,7 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 
 
 def detect_sft_format(rows: list[Row], label: str) -> str:
+    _require_rows(rows, label)
     columns = set(rows[0][1])
     if "conversations" in columns:
         columns.add("messages")
@@ -220,13 +237,19 @@ def detect_sft_format(rows: list[Row], label: str) -> str:
     if {"chosen", "rejected"} <= columns:
         raise DataError(f"{label}: rows have chosen/rejected: that is preference data; use it for DPO, not SFT")
     raise DataError(
-        f"{label}: cannot tell the format from columns {sorted(columns)}; expected instruction/output (alpaca), "
+        f"{label}: cannot tell the format from columns {sorted(columns, key=str)}; expected instruction/output (alpaca), "
         "input/output, prompt/completion, messages or text, or set data.format"
     )
 
 
+def _require_rows(rows: list[Row], label: str) -> None:
+    if not rows:
+        raise DataError(f"{label}: the data set is empty; give a file with at least one row")
+
+
 def normalise_sft(rows: list[Row], label: str, fmt: str = "auto") -> list[dict]:
     """Turn rows of any SFT format into {"prompt": messages | None, "completion": str}."""
+    _require_rows(rows, label)
     fmt = detect_sft_format(rows, label) if fmt == "auto" else fmt
     problems, examples = Problems(label), []
     for number, row in rows:
@@ -311,9 +334,10 @@ def normalise_preference(rows: list[Row], label: str) -> list[dict]:
     Accepts prompt/chosen/rejected (strings or message lists) and the implicit-prompt form
     where chosen and rejected are whole transcripts sharing the conversation up to the answer.
     """
+    _require_rows(rows, label)
     columns = set(rows[0][1])
     if not {"chosen", "rejected"} & columns:
-        raise DataError(f"{label}: preference data needs chosen and rejected columns; found {sorted(columns)}")
+        raise DataError(f"{label}: preference data needs chosen and rejected columns; found {sorted(columns, key=str)}")
     problems, examples = Problems(label), []
     for number, row in rows:
         example = _preference_row(number, row, problems)

@@ -20,8 +20,8 @@ from typing import Optional
 
 from slmops import bundle as bundle_mod
 from slmops import lora
-from slmops.atomic import atomic_dir
-from slmops.compat import olive_cwd
+from slmops.atomic import atomic_dir, output_lock
+from slmops.compat import olive_cwd, raise_if_interrupted
 from slmops.errors import RunError
 from slmops.models import ResolvedModel, model_fingerprint
 from slmops.olive_config import workflow
@@ -268,11 +268,12 @@ def _run_olive(config: dict) -> Path:
 
     if logging.getLogger("slmops").isEnabledFor(logging.INFO):
         config = dict(config, log_severity_level=1)
-    with library_output_to_stderr(), olive_cwd(Path(config["output_dir"]).parent / "cwd"):
+    with library_output_to_stderr() as olive_errors, olive_cwd(Path(config["output_dir"]).parent / "cwd"):
         olive_run(copy.deepcopy(config), package_config=package_config())  # Olive mutates the config
+    raise_if_interrupted()
     found = sorted(Path(config["output_dir"]).rglob("genai_config.json"))
     if not found:
-        raise RunError("Olive finished without building a model; rerun with --verbose to see Olive's log")
+        olive_errors.fail("Olive finished without building a model")
     return found[0].parent
 
 
@@ -365,6 +366,11 @@ def merge_to_hf(model_path: Path, adapter: lora.Adapter, out: Path) -> Path:
 
 def add_adapters(bundle_dir: Path, adapters: dict[str, Path], model: ResolvedModel, progress=None) -> dict:
     """Write new adapters into a bundle without rebuilding the base; the manifest is replaced atomically."""
+    with output_lock(bundle_dir):  # two --into runs would each write a manifest missing the other's adapter
+        return _add_adapters(bundle_dir, adapters, model, progress)
+
+
+def _add_adapters(bundle_dir: Path, adapters: dict[str, Path], model: ResolvedModel, progress=None) -> dict:
     manifest = bundle_mod.read_manifest(bundle_dir)
     if not manifest["target"].get("adapters", True):
         raise RunError(f"bundle '{bundle_dir}' targets {manifest['target']['name']}, which cannot switch adapters; "

@@ -1,6 +1,7 @@
 """Run a recipe's fine-tune through Olive and collect the adapter, the configs and the loss log.
 
-Output folder (written to a temporary sibling, renamed into place when complete):
+Output folder (built in `.slmops-partial-<name>` next to it, renamed into place when complete; a
+run that is interrupted after its first checkpoint leaves that folder, and `--resume` continues it):
     adapter/            the PEFT adapter (no copy of the base model)
     recipe.yaml         the resolved recipe
     olive_config.json   the exact Olive workflow config that ran
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import logging
 import shutil
@@ -22,8 +24,8 @@ from pathlib import Path
 from typing import Optional
 
 from slmops import data as data_mod
-from slmops.atomic import atomic_dir
-from slmops.compat import olive_cwd
+from slmops.atomic import PARTIAL_PREFIX, resumable_dir
+from slmops.compat import olive_cwd, raise_if_interrupted
 from slmops.errors import RunError
 from slmops.models import ResolvedModel, model_fingerprint, resolve_model
 from slmops.olive_config import SFT_PASS, Sources, package_config, render_finetune, validate_with_olive
@@ -119,22 +121,73 @@ def latest_run(recipe_name: str) -> Path:
     return runs[-1]  # names end in a sortable timestamp
 
 
-def finetune(recipe: Recipe, output_dir: Path, dry_run: bool = False) -> FinetuneResult:
-    """Plan, render the Olive config, run it (unless dry_run) and write the output folder."""
+def interrupted_run(recipe_name: str) -> Path:
+    """The output folder of the recipe's newest interrupted run under outputs/ (what --resume without -o continues)."""
+    partials = sorted(p for p in Path("outputs").glob(f"{PARTIAL_PREFIX}{recipe_name}-*") if (p / "recipe.yaml").is_file())
+    if not partials:
+        raise RunError(f"nothing to resume: no interrupted run of recipe {recipe_name} under outputs/; "
+                       "run without --resume, or pass -o with the interrupted run's output folder")
+    return partials[-1].parent / partials[-1].name[len(PARTIAL_PREFIX):]
+
+
+def finetune(recipe: Recipe, output_dir: Path, dry_run: bool = False, resume: bool = False) -> FinetuneResult:
+    """Plan, render the Olive config, run it (unless dry_run) and write the output folder.
+
+    resume: continue the interrupted run for output_dir from its last checkpoint (the recipe, model
+    and data must be the same; their hashes are compared, as Olive's cache would not notice).
+    """
     p = plan(recipe)
-    with atomic_dir(output_dir) as tmp:
+    with resumable_dir(output_dir, resume, keep=_has_checkpoint) as tmp:
         work = tmp / "work"
         config = render_finetune(recipe, str(p.model.path), p.sources, work_dir=str(work))
+        identity = {"olive_config": config, "data": asdict(p.sources), "model": model_fingerprint(p.model.path)}
+        if resume:
+            _check_same_run(tmp, identity)
+            _drop_incomplete_checkpoints(work)
         if logging.getLogger("slmops").isEnabledFor(logging.INFO):  # slmops --verbose: Olive's INFO log too
-            config["log_severity_level"] = 1
+            config = dict(config, log_severity_level=1)
         validate_with_olive(config)
         (tmp / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         (tmp / "olive_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / _IDENTITY).write_text(json.dumps(identity, indent=2) + "\n")
         result = FinetuneResult(str(output_dir), None, dry_run, p.counts)
         if not dry_run:
             _train(p, config, tmp, result)
         (tmp / "run.json").write_text(json.dumps(_run_record(p, result), indent=2) + "\n")
+        (tmp / _IDENTITY).unlink()
     return result
+
+
+_IDENTITY = "resume-check.json"  # what --resume compares: the Olive config, data hashes, model fingerprint
+
+
+def _has_checkpoint(partial: Path) -> bool:
+    # work/checkpoints (SFT), work/dpo-checkpoints; the trainer writes trainer_state.json last
+    return any(partial.glob("work/*/checkpoint-*/trainer_state.json"))
+
+
+def _drop_incomplete_checkpoints(work: Path) -> None:
+    """A kill during a save leaves a checkpoint without its trainer_state.json (written last), which
+    the trainer would pick as the newest and fail on; the previous, complete one is still there."""
+    for checkpoint in work.glob("*/checkpoint-*"):
+        state = checkpoint / "trainer_state.json"
+        try:
+            json.loads(state.read_text())
+        except (OSError, ValueError):
+            logger.info("Removing incomplete checkpoint %s", checkpoint)
+            shutil.rmtree(checkpoint)
+
+
+def _check_same_run(partial: Path, identity: dict) -> None:
+    recorded = partial / _IDENTITY
+    if not recorded.is_file():
+        raise RunError(f"{partial} has no record of its run to resume; delete it to start over")
+    before = json.loads(recorded.read_text())
+    labels = {"olive_config": "recipe (its Olive config)", "data": "data files", "model": "model weights"}
+    changed = [label for what, label in labels.items() if before.get(what) != json.loads(json.dumps(identity[what]))]
+    if changed:
+        raise RunError(f"--resume: the {' and the '.join(changed)} changed since the interrupted run; resume with "
+                       f"the same recipe, flags and data, or delete {partial} to start over")
 
 
 def _train(p: Plan, config: dict, tmp: Path, result: FinetuneResult) -> None:
@@ -143,10 +196,11 @@ def _train(p: Plan, config: dict, tmp: Path, result: FinetuneResult) -> None:
     import slmops.olive_data  # noqa: F401 - registers slmops' data components with Olive
 
     start = time.monotonic()
-    with library_output_to_stderr(), olive_cwd(tmp / "work" / "cwd"):
+    with library_output_to_stderr() as olive_errors, olive_cwd(tmp / "work" / "cwd"):
         workflow = olive_run(copy.deepcopy(config), package_config=package_config())  # Olive mutates it
+    raise_if_interrupted()
     result.seconds = round(time.monotonic() - start, 1)
-    adapter = _find_adapter(workflow, Path(config["output_dir"]))
+    adapter = _find_adapter(workflow, Path(config["output_dir"]), olive_errors)
     shutil.copytree(adapter, tmp / "adapter")
     result.adapter_dir = str(Path(result.output_dir) / "adapter")
     for stage in p.recipe.stages:
@@ -164,21 +218,57 @@ def _checkpoints(config: dict, stage: str) -> Path:
     return Path(pass_config["training_args"]["output_dir"] if stage == SFT_PASS else pass_config["output_dir"])
 
 
+class OliveErrors(logging.Filter):
+    """Keeps the exception of Olive's last failed pass, and (unless --verbose) its traceback off the terminal.
+
+    Olive catches a pass's exception, logs it with its traceback and carries on with no output
+    model; slmops then reports the exception in one line (and a full disk as a full disk).
+    """
+
+    def __init__(self, verbose: bool):
+        super().__init__()
+        self.verbose, self.last = verbose, None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.last = record.exc_info[1]
+            if not self.verbose:
+                record.exc_info, record.exc_text = None, None
+        return True
+
+    def fail(self, what: str) -> None:
+        """Raise the failure: a full disk as the OSError itself (the CLI names it), else one RunError line."""
+        exc = self.last
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise exc
+        why = f" ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})" if exc is not None else ""
+        raise RunError(f"{what}{why}; rerun with --verbose to see Olive's log")
+
+
 @contextlib.contextmanager
 def library_output_to_stderr():
-    """Olive logs and the trainer's loss dicts go to stderr: stdout is for results (--json)."""
-    olive_handlers = [h for h in logging.getLogger("olive").handlers if getattr(h, "stream", None) is sys.stdout]
+    """Olive logs and the trainer's loss dicts go to stderr: stdout is for results (--json).
+
+    Yields the OliveErrors filter that watched Olive's log.
+    """
+    errors = OliveErrors(verbose=logging.getLogger("slmops").isEnabledFor(logging.INFO))
+    olive = logging.getLogger("olive")
+    olive_handlers = [h for h in olive.handlers if getattr(h, "stream", None) is sys.stdout]
     for handler in olive_handlers:
         handler.setStream(sys.stderr)
+    for handler in olive.handlers:
+        handler.addFilter(errors)
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            yield
+            yield errors
     finally:
+        for handler in olive.handlers:
+            handler.removeFilter(errors)
         for handler in olive_handlers:
             handler.setStream(sys.stdout)
 
 
-def _find_adapter(workflow, olive_output: Path) -> Path:
+def _find_adapter(workflow, olive_output: Path, olive_errors: OliveErrors) -> Path:
     """The adapter folder Olive produced. Olive may 'succeed' with no output model: check."""
     best = workflow.get_best_candidate() if workflow is not None and workflow.has_output_model() else None
     if best is not None:
@@ -188,7 +278,7 @@ def _find_adapter(workflow, olive_output: Path) -> Path:
     found = sorted(olive_output.rglob("adapter_config.json"))
     if found:
         return found[0].parent
-    raise RunError("Olive finished without producing an adapter; rerun with --verbose to see Olive's log")
+    olive_errors.fail("Olive finished without producing an adapter")
 
 
 def _loss_log(checkpoints: Path) -> list[dict]:

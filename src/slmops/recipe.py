@@ -209,7 +209,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     """Turn ``a.b=value`` into (["a", "b"], value); the value is read as YAML (numbers, lists, ...)."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
-        raise RecipeError(f"--set '{item}': expected key=value with a dotted key, e.g. --set lora.r=16")
+        raise RecipeError(f"--set {item!r}: expected key=value with a dotted key, e.g. --set lora.r=16")
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
@@ -256,14 +256,20 @@ def format_validation_error(exc: ValidationError) -> str:
     """All problems at once, as 'field.path: message' joined on one line."""
     problems = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "recipe"
+        loc = ".".join(_key(p) for p in err["loc"]) or "recipe"
         if err["type"] == "extra_forbidden":
             problems.append(f"{loc}: unknown key ({_known_keys_hint(err['loc'])})")
         elif err["type"] == "missing":
             problems.append(f"{loc}: required key is missing")
         else:
-            problems.append(f"{loc}: {err['msg']}")
+            problems.append(f"{loc}: {' '.join(err['msg'].split())}")
     return "; ".join(problems)
+
+
+def _key(part) -> str:
+    """A key as the user would recognise it: quoted when it has spaces, newlines or other oddities."""
+    text = str(part)
+    return text if text.isprintable() and text.strip() == text and text and " " not in text else repr(text)
 
 
 def _known_keys_hint(loc: tuple) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+from typing import Optional
 
 import click
 
@@ -21,10 +23,37 @@ class UserError(click.ClickException):
 
 class SlmopsGroup(click.Group):
     def invoke(self, ctx: click.Context):
+        from slmops.compat import honour_interrupts
+
         try:
-            return super().invoke(ctx)
+            with honour_interrupts():
+                return super().invoke(ctx)
         except SlmopsError as exc:
             raise UserError(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted: partial output removed (a fine-tune keeps its last checkpoint for "
+                       "--resume).", err=True)
+            raise SystemExit(130) from None
+        except Exception as exc:
+            full = _disk_full(exc)
+            if full is None:
+                raise
+            where = f" writing {full.filename}" if full.filename else ""
+            raise UserError(f"no space left on the device{where}; free some space, or write the output to "
+                            "another disk (-o/--output, SLMOPS_CACHE_DIR)") from None
+
+
+def _disk_full(exc: BaseException) -> Optional[OSError]:
+    """The ENOSPC / EDQUOT OSError behind `exc`, however deep a library wrapped it."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        if "No space left on device" in str(exc) and not isinstance(exc, OSError):
+            return OSError(errno.ENOSPC, "No space left on device")
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 @click.group(cls=SlmopsGroup)
@@ -38,7 +67,7 @@ def cli(verbose: bool) -> None:
 
 def _register() -> None:
     from slmops.cli import eval as eval_cli
-    from slmops.cli import bench, export, finetune, generate, recipes, serve
+    from slmops.cli import bench, doctor, export, finetune, generate, recipes, serve
 
     cli.add_command(finetune.finetune_command)
     cli.add_command(export.export_command)
@@ -49,6 +78,7 @@ def _register() -> None:
     cli.add_command(serve.serve_command)
     cli.add_command(eval_cli.eval_command)
     cli.add_command(recipes.recipes_group)
+    cli.add_command(doctor.doctor_command)
 
 
 _register()

@@ -17,18 +17,26 @@ import click
               help="Output folder (default: outputs/<recipe>-<time>). Must not exist.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe key, e.g. training.max_steps=20.")
 @click.option("--dry-run", is_flag=True, help="Write the Olive config and the resolved recipe, then stop.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from its last checkpoint (training.save_steps sets how often): "
+                   "the run for -o, else the recipe's newest under outputs/.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def finetune_command(recipe, model, data, output, sets, dry_run, as_json) -> None:
-    """Fine-tune a model (LoRA / QLoRA SFT) through Olive; writes a PEFT adapter."""
+def finetune_command(recipe, model, data, output, sets, dry_run, resume, as_json) -> None:
+    """Fine-tune a model (LoRA / QLoRA SFT, DPO) through Olive; writes a PEFT adapter."""
     from slmops.recipe import load_recipe
     from slmops.privacy import prepare_environment
 
     r = load_recipe(recipe, flags={"model.name": model, **_data_flags(data)}, sets=list(sets))
     prepare_environment(r)
-    from slmops.finetune import default_output, finetune
+    from slmops.errors import RunError
+    from slmops.finetune import default_output, finetune, interrupted_run
 
+    if resume and dry_run:
+        raise RunError("--resume continues training and --dry-run trains nothing; drop one of them")
+    if resume and output is None:
+        output = interrupted_run(r.name)
     output = output or default_output(r.name)
-    result = finetune(r, output, dry_run=dry_run)
+    result = finetune(r, output, dry_run=dry_run, resume=resume)
     if as_json:
         click.echo(json.dumps({k: v for k, v in asdict(result).items() if k != "log"}, indent=2))
     else:

@@ -85,7 +85,7 @@ class DPO(Pass):
             args = self._dpo_config(config, config.output_dir or tmp, has_eval=held is not None)
             trainer = DPOTrainer(model=policy, args=args, train_dataset=train, eval_dataset=held,
                                  processing_class=tokenizer, peft_config=peft_config)
-            trainer.train()
+            trainer.train(resume_from_checkpoint=self._last_checkpoint(args.output_dir))
             # The last checkpoint predates the trainer's final summary (train_runtime): keep all of it.
             (Path(args.output_dir) / "log_history.json").write_text(json.dumps(trainer.state.log_history))
             adapter_path = Path(output_model_path) / "adapter"
@@ -95,6 +95,16 @@ class DPO(Pass):
         output = deepcopy(model)
         output.set_resource("adapter_path", adapter_path)
         return output
+
+    @staticmethod
+    def _last_checkpoint(output_dir: str):
+        """An interrupted run's newest checkpoint in output_dir: training continues from it (as Olive's LoRA does)."""
+        from transformers.trainer_utils import get_last_checkpoint
+
+        checkpoint = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if checkpoint:
+            logger.info("Resuming DPO from %s", checkpoint)
+        return checkpoint
 
     @staticmethod
     def _load_policy(model: HfModelHandler, config) -> tuple[Any, Any]:
