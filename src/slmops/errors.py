@@ -1,5 +1,10 @@
 """The project's error types. Library code raises these; the CLI turns them into one line and exit 2."""
 
+from __future__ import annotations
+
+import errno
+from typing import Optional
+
 
 class SlmopsError(Exception):
     """A problem the user can fix. The message names the problem and the fix, on one line."""
@@ -19,3 +24,16 @@ class ModelError(SlmopsError):
 
 class RunError(SlmopsError):
     """A run (fine-tune, export) failed in a way the user can act on."""
+
+
+def disk_full(exc: Optional[BaseException]) -> Optional[OSError]:
+    """The ENOSPC / EDQUOT OSError behind `exc`, however deep a library wrapped it; None if there is none."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        if "No space left on device" in str(exc) and not isinstance(exc, OSError):
+            return OSError(errno.ENOSPC, "No space left on device")
+        exc = exc.__cause__ or exc.__context__
+    return None

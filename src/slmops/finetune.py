@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import errno
 import json
 import logging
 import shutil
@@ -26,7 +25,7 @@ from typing import Optional
 from slmops import data as data_mod
 from slmops.atomic import PARTIAL_PREFIX, resumable_dir
 from slmops.compat import olive_cwd, raise_if_interrupted
-from slmops.errors import RunError
+from slmops.errors import RunError, disk_full
 from slmops.models import ResolvedModel, model_fingerprint, resolve_model
 from slmops.olive_config import SFT_PASS, Sources, package_config, render_finetune, validate_with_olive
 from slmops.recipe import Recipe, recipe_to_yaml
@@ -237,9 +236,9 @@ class OliveErrors(logging.Filter):
         return True
 
     def fail(self, what: str) -> None:
-        """Raise the failure: a full disk as the OSError itself (the CLI names it), else one RunError line."""
+        """Raise the failure: a full disk as the exception itself (the CLI names it), else one RunError line."""
         exc = self.last
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if disk_full(exc) is not None:
             raise exc
         why = f" ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})" if exc is not None else ""
         raise RunError(f"{what}{why}; rerun with --verbose to see Olive's log")

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import errno
 import logging
-from typing import Optional
 
 import click
 
 from slmops import __version__
-from slmops.errors import SlmopsError
+from slmops.errors import SlmopsError, disk_full
 
 
 class UserError(click.ClickException):
@@ -35,25 +33,12 @@ class SlmopsGroup(click.Group):
                        "--resume).", err=True)
             raise SystemExit(130) from None
         except Exception as exc:
-            full = _disk_full(exc)
+            full = disk_full(exc)
             if full is None:
                 raise
             where = f" writing {full.filename}" if full.filename else ""
             raise UserError(f"no space left on the device{where}; free some space, or write the output to "
                             "another disk (-o/--output, SLMOPS_CACHE_DIR)") from None
-
-
-def _disk_full(exc: BaseException) -> Optional[OSError]:
-    """The ENOSPC / EDQUOT OSError behind `exc`, however deep a library wrapped it."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return exc
-        if "No space left on device" in str(exc) and not isinstance(exc, OSError):
-            return OSError(errno.ENOSPC, "No space left on device")
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 @click.group(cls=SlmopsGroup)
