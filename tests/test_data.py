@@ -4,6 +4,7 @@ import pytest
 from conftest import write_jsonl
 
 from slmops import data
+from slmops.data import load_splits, normalise_sft
 from slmops.errors import DataError
 
 
@@ -278,3 +279,53 @@ def test_tokenize_without_chat_template(tiny_model):
     n_prompt = feat["labels"].count(data.IGNORE_INDEX)
     assert tok.decode(feat["input_ids"][:n_prompt]) == "Q:\n"
     assert tok.decode(feat["input_ids"][n_prompt:]) == "A<|im_end|>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Text templates (classification as generation) and split slices
+
+
+TEMPLATE = {"prompt": "Classify the sentiment: {sentence}", "completion": "{label}",
+            "value_names": {"label": {0: "negative", 1: "neutral", "2": "positive"}}}
+
+
+def test_template_fills_columns_and_names_values():
+    rows = [(1, {"sentence": "Profit rose.", "label": 2}), (2, {"sentence": "Flat year.", "label": "1"})]
+    examples = normalise_sft(rows, "phrases.csv", "template", TEMPLATE)
+    assert examples == [
+        {"prompt": [{"role": "user", "content": "Classify the sentiment: Profit rose."}], "completion": "positive"},
+        {"prompt": [{"role": "user", "content": "Classify the sentiment: Flat year."}], "completion": "neutral"},
+    ]
+
+
+def test_template_reports_missing_columns_and_unnamed_values():
+    rows = [(1, {"sentence": "x", "label": 7}), (2, {"label": 0})]
+    with pytest.raises(DataError) as err:
+        normalise_sft(rows, "phrases.csv", "template", TEMPLATE)
+    message = str(err.value)
+    assert "2 bad row(s)" in message and "row 1 field 'label': value 7 has no name in template.value_names.label" \
+        in message and "row 2 field 'sentence': is missing (the template names it)" in message
+
+
+@pytest.mark.parametrize("split, expected", [
+    ("train", range(10)), ("train[:3]", range(3)), ("train[7:]", range(7, 10)), ("train[-2:]", range(8, 10)),
+    ("train[50%:]", range(5, 10)), ("train[10%:30%]", range(1, 3)),
+])
+def test_split_slices_of_a_local_file(split, expected):
+    from slmops.data import split_range
+
+    assert list(split_range(split, 10)) == list(expected)
+
+
+def test_slices_train_and_evaluate_on_disjoint_rows(tmp_path):
+    from slmops.data import locate
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}) + "\n" for i in range(10)))
+    train, held = load_splits(locate(str(path), None, "train[:6]"), eval_split="train[6:8]")
+    assert [e["completion"] for e in train] == [f"c{i}" for i in range(6)]
+    assert [e["completion"] for e in held] == ["c6", "c7"]
+    with pytest.raises(DataError, match="eval_split train\\[5:8\\] shares 1 rows with split train\\[:6\\]"):
+        load_splits(locate(str(path), None, "train[:6]"), eval_split="train[5:8]")
+    with pytest.raises(DataError, match="a local file has only the train split, not 'test'"):
+        load_splits(locate(str(path), None, "test[:6]"))

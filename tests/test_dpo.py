@@ -90,7 +90,7 @@ def test_qlora_dpo(tmp_path, tiny_model):
     pytest.importorskip("bitsandbytes", reason="QLoRA needs the optional bitsandbytes extra (pip install 'slmops[qlora]')")
     r = recipe(tmp_path, tiny_model, "method: qlora\n" + dpo_block())
     result = finetune(r, tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "olive_config.json").read_text())["passes"]["dpo"]["quantize_4bit"] is True
+    assert json.loads((tmp_path / "out" / "olive_config.json").read_text())["passes"]["dpo"]["quantization"] == "4bit"
     assert result.stages["dpo"].steps == 2
 
 

@@ -136,4 +136,4 @@ def test_dpo_alone_has_no_sft_pass(tmp_path):
     r = load_recipe(str(write_recipe(tmp_path / "r.yaml", "dpo:\n  data:\n    file: p.jsonl\n")))
     config = render_portable(r)
     assert list(config["passes"]) == ["dpo"]
-    assert config["passes"]["dpo"]["quantize_4bit"] is False
+    assert config["passes"]["dpo"]["quantization"] is None

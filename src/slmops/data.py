@@ -14,8 +14,9 @@ import json
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from string import Formatter
 from typing import Any, Iterable, Optional
 
 from slmops.errors import DataError
@@ -61,7 +62,7 @@ def locate(file: Optional[str], dataset: Optional[str], split: str = "train") ->
     if local is not None and local.is_dir():
         raise DataError(f"data file '{local}' is a folder; name a .jsonl, .json, .csv or .parquet file")
     if local is not None:
-        return DataSource(path=str(local.resolve()), sha256=file_sha256(local))
+        return DataSource(path=str(local.resolve()), sha256=file_sha256(local), split=split)
     if dataset and not _hub_offline():
         return DataSource(dataset=dataset, file=file, split=split)
     looked = " and ".join(str(c) for c in _candidates(file)) if file else "no file named"
@@ -84,7 +85,8 @@ def _candidates(file: str) -> list[Path]:
 def locate_section(section) -> tuple[DataSource, Optional[DataSource]]:
     """The training and (if named) evaluation sources of a recipe data section."""
     train = locate(section.file, section.dataset, section.split)
-    held = locate(section.eval_file, section.dataset, section.split) if section.eval_file else None
+    whole = section.split.partition("[")[0]  # the training slice is not the evaluation file's
+    held = locate(section.eval_file, section.dataset, whole) if section.eval_file else None
     return train, held
 
 
@@ -97,10 +99,37 @@ def _hub_offline() -> bool:
 
 
 def read_rows(source: DataSource) -> list[Row]:
-    rows = _read_hub(source) if source.dataset and not source.path else _read_file(Path(source.path))
+    if source.dataset and not source.path:
+        rows = _read_hub(source)  # `datasets` slices the split itself
+    else:
+        rows = _read_file(Path(source.path))
+        rows = [rows[i] for i in split_range(source.split, len(rows), source.label)]
     if not rows:
         raise DataError(f"{source.label}: the data set is empty; give a file with at least one row")
     return rows
+
+
+def split_range(split: str, n: int, label: str = "data") -> range:
+    """The rows of a local file that a split such as train, train[:2000] or train[90%:] names.
+
+    A local file is the train split. Percent bounds round as `datasets` does by default (closest).
+    """
+    name, _, bounds = split.partition("[")
+    if name != "train":
+        raise DataError(f"{label}: a local file has only the train split, not '{name}'; write train[...] to take "
+                        "a slice of it")
+    if not bounds:
+        return range(n)
+    start, stop = (_bound(b, n) for b in bounds.rstrip("]").split(":"))
+    return range(n)[slice(start, stop)]
+
+
+def _bound(text: str, n: int) -> Optional[int]:
+    if not text:
+        return None
+    if text.endswith("%"):
+        return round(int(text[:-1]) * n / 100)
+    return int(text)
 
 
 def _read_file(path: Path) -> list[Row]:
@@ -221,6 +250,7 @@ SFT_FORMATS = {
     "prompt_completion": (("prompt", "completion"), ("system",)),
     "input_output": (("input", "output"), ("system",)),
     "text": (("text",), ()),
+    "template": ((), ()),  # columns named by the recipe's template
 }
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
           "bot": "assistant", "model": "assistant"}
@@ -232,7 +262,7 @@ def detect_sft_format(rows: list[Row], label: str) -> str:
     if "conversations" in columns:
         columns.add("messages")
     for name, (required, _) in SFT_FORMATS.items():
-        if set(required) <= columns:
+        if required and set(required) <= columns:
             return name
     if {"chosen", "rejected"} <= columns:
         raise DataError(f"{label}: rows have chosen/rejected: that is preference data; use it for DPO, not SFT")
@@ -247,13 +277,21 @@ def _require_rows(rows: list[Row], label: str) -> None:
         raise DataError(f"{label}: the data set is empty; give a file with at least one row")
 
 
-def normalise_sft(rows: list[Row], label: str, fmt: str = "auto") -> list[dict]:
-    """Turn rows of any SFT format into {"prompt": messages | None, "completion": str}."""
+def normalise_sft(rows: list[Row], label: str, fmt: str = "auto", template: Optional[dict] = None) -> list[dict]:
+    """Turn rows of any SFT format into {"prompt": messages | None, "completion": str}.
+
+    template (format "template"): {"prompt": str, "completion": str, "value_names": {column: {value: name}}}.
+    """
     _require_rows(rows, label)
     fmt = detect_sft_format(rows, label) if fmt == "auto" else fmt
+    if fmt == "template" and not template:
+        raise DataError(f"{label}: format template needs a `template` section in the data section")
     problems, examples = Problems(label), []
     for number, row in rows:
-        example = _sft_row(fmt, number, row, problems)
+        if fmt == "template":
+            example = _template_row(template, number, row, problems)
+        else:
+            example = _sft_row(fmt, number, row, problems)
         if example is not None:
             examples.append(example)
     problems.raise_if_any(f"fix those rows or set data.format (read as '{fmt}')")
@@ -282,6 +320,40 @@ def _sft_row(fmt: str, number: int, row: dict, problems: Problems) -> Optional[d
     if isinstance(row.get("system"), str) and row["system"].strip():
         messages.insert(0, {"role": "system", "content": row["system"]})
     return {"prompt": messages, "completion": completion}
+
+
+def _template_row(template: dict, number: int, row: dict, problems: Problems) -> Optional[dict]:
+    """The template's prompt and completion filled from the row's columns (named values where given)."""
+    texts = []
+    for part in ("prompt", "completion"):
+        values = {}
+        for _, column, _, _ in Formatter().parse(template[part]):
+            if column is None or column in values:
+                continue
+            value = _template_value(template, number, row, column, problems)
+            if value is None:
+                return None
+            values[column] = value
+        texts.append(template[part].format_map(values))
+    if not texts[1].strip():
+        problems.add(number, None, "the completion template gives empty text")
+        return None
+    return {"prompt": [{"role": "user", "content": texts[0]}], "completion": texts[1]}
+
+
+def _template_value(template: dict, number: int, row: dict, column: str, problems: Problems) -> Optional[str]:
+    value = row.get(column)
+    if column not in row or value is None:
+        problems.add(number, column, "is missing (the template names it)")
+        return None
+    names = (template.get("value_names") or {}).get(column)
+    if names is None:
+        return str(value)
+    named = {str(k): v for k, v in names.items()}  # YAML keys 0 and "0" name the same value
+    if str(value) in named:
+        return named[str(value)]
+    problems.add(number, column, f"value {value!r} has no name in template.value_names.{column}")
+    return None
 
 
 def _text_field(number: int, row: dict, field: str, problems: Problems) -> Optional[str]:
@@ -526,27 +598,47 @@ def load_splits(
     fmt: str = "auto",
     *,
     eval_source: Optional[DataSource] = None,
-    eval_split: Optional[float] = None,
+    eval_split: Optional[float | str] = None,
     max_samples: Optional[int] = None,
     drop_duplicates: bool = True,
     seed: int = 42,
+    template: Optional[dict] = None,
 ) -> tuple[list[dict], list[dict]]:
-    """Read, normalise ("sft" or "preference"), dedupe and split: (train examples, eval examples)."""
+    """Read, normalise ("sft" or "preference"), dedupe and split: (train examples, eval examples).
+
+    eval_split: a fraction held out at random (seeded), or a slice of the same data (train[2000:2200]).
+    """
     def read(source: DataSource) -> list[dict]:
         rows = read_rows(source)
-        return normalise_sft(rows, source.label, fmt) if kind == "sft" else normalise_preference(rows, source.label)
+        if kind == "sft":
+            return normalise_sft(rows, source.label, fmt, template)
+        return normalise_preference(rows, source.label)
 
     examples = read(train)
     if drop_duplicates:
         examples = dedupe(examples)
     held: list[dict] = []
-    if eval_split:
+    if isinstance(eval_split, str):
+        check_disjoint(train, eval_split)
+        held = read(replace(train, split=eval_split))
+    elif eval_split:
         examples, held = split_eval(examples, eval_split, seed)
     elif eval_source:
         held = read(eval_source)
     if max_samples:
         examples = examples[:max_samples]
     return examples, held
+
+
+def check_disjoint(train: DataSource, eval_split: str) -> None:
+    """Training and evaluation slices of one local file must not share rows."""
+    if not train.path:
+        return  # a hub split is sliced by `datasets`; its size is not known before loading
+    n = len(_read_file(Path(train.path)))
+    trained, held = (set(split_range(s, n, train.label)) for s in (train.split, eval_split))
+    if trained & held:
+        raise DataError(f"{train.label}: eval_split {eval_split} shares {len(trained & held)} rows with split "
+                        f"{train.split}; choose slices that do not overlap")
 
 
 def fit_prompt(example: dict, tokenizer, max_length: int) -> dict:

@@ -84,7 +84,7 @@ def _runtime() -> Check:
 
 def _bitsandbytes() -> Check:
     if importlib.util.find_spec("bitsandbytes") is None:
-        return Check("bitsandbytes", "warn", "not installed: QLoRA recipes (quantize_4bit) will not run",
+        return Check("bitsandbytes", "warn", "not installed: QLoRA, 8-bit LoRA and paged-optimizer recipes will not run",
                      "pip install 'slmops[qlora]'")
     return Check("bitsandbytes", "ok", version("bitsandbytes"))
 

@@ -28,7 +28,7 @@ from slmops.compat import olive_cwd, raise_if_interrupted
 from slmops.errors import RunError, disk_full
 from slmops.models import ResolvedModel, model_fingerprint, resolve_model
 from slmops.olive_config import SFT_PASS, Sources, package_config, render_finetune, validate_with_olive
-from slmops.recipe import Recipe, recipe_to_yaml
+from slmops.recipe import BNB_OPTIMIZERS, Recipe, recipe_to_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +73,7 @@ class FinetuneResult:
 
 def plan(recipe: Recipe) -> Plan:
     """Resolve the model and data and validate every row, so bad input fails before training."""
-    if recipe.method == "qlora":
-        check_qlora()
+    check_bitsandbytes(recipe)
     sources, counts = Sources(), {}
     if recipe.data:
         d = recipe.data
@@ -82,7 +81,8 @@ def plan(recipe: Recipe) -> Plan:
         sources = replace(sources, sft=sft, sft_eval=sft_eval)
         train, held = data_mod.load_splits(
             sources.sft, "sft", d.format, eval_source=sources.sft_eval, eval_split=d.eval_split,
-            max_samples=d.max_samples, drop_duplicates=d.dedupe, seed=recipe.training.seed)
+            max_samples=d.max_samples, drop_duplicates=d.dedupe, seed=recipe.training.seed,
+            template=d.template.model_dump() if d.template else None)
         counts["sft"] = (len(train), len(held))
     if recipe.dpo:
         p = recipe.dpo.data
@@ -96,14 +96,25 @@ def plan(recipe: Recipe) -> Plan:
     return Plan(recipe, model, sources, counts)
 
 
-def check_qlora() -> None:
+def check_bitsandbytes(recipe: Recipe) -> None:
+    """QLoRA, 8-bit LoRA and paged / 8-bit optimizers run on bitsandbytes: refuse early when it is missing."""
+    needs = []
+    if recipe.method == "qlora":
+        needs.append(("method: qlora", "use method: lora (--set method=lora)"))
+    if recipe.model.load_in_8bit:
+        needs.append(("model.load_in_8bit", "drop it (--set model.load_in_8bit=false)"))
+    for key, name in (("training.optimizer", recipe.optimizer if recipe.data else None),
+                      ("dpo.optimizer", recipe.dpo.optimizer if recipe.dpo else None)):
+        if name in BNB_OPTIMIZERS:
+            needs.append((f"{key} {name}", f"choose adamw_torch (--set {key}=adamw_torch)"))
+    if not needs:
+        return
     try:
         import bitsandbytes  # noqa: F401
     except Exception:  # ImportError, or a broken native library
-        raise RunError(
-            "method: qlora needs bitsandbytes, which is not usable here; install it with "
-            "`pip install 'slmops[qlora]'`, or use method: lora (--set method=lora)"
-        ) from None
+        what, fix = needs[0]
+        raise RunError(f"{what} needs bitsandbytes, which is not usable here; install it with "
+                       f"`pip install 'slmops[qlora]'`, or {fix}") from None
 
 
 def default_output(recipe_name: str) -> Path:
@@ -196,7 +207,14 @@ def _train(p: Plan, config: dict, tmp: Path, result: FinetuneResult) -> None:
 
     start = time.monotonic()
     with library_output_to_stderr() as olive_errors, olive_cwd(tmp / "work" / "cwd"):
-        workflow = olive_run(copy.deepcopy(config), package_config=package_config())  # Olive mutates it
+        seed_lora_init(config)
+        if p.recipe.distributed.num_processes > 1:
+            from slmops import distributed
+
+            distributed.run(config, tmp / "work", p.recipe.distributed)
+            workflow = None  # in the rank-0 process: its output is found in the workflow's output folder
+        else:
+            workflow = olive_run(copy.deepcopy(config), package_config=package_config())  # Olive mutates it
     raise_if_interrupted()
     result.seconds = round(time.monotonic() - start, 1)
     adapter = _find_adapter(workflow, Path(config["output_dir"]), olive_errors)
@@ -210,6 +228,15 @@ def _train(p: Plan, config: dict, tmp: Path, result: FinetuneResult) -> None:
         for entry in result.log:
             fh.write(json.dumps(entry) + "\n")
     shutil.rmtree(tmp / "work", ignore_errors=True)  # Olive's cache, its copy of the model, checkpoints
+
+
+def seed_lora_init(config: dict) -> None:
+    """Seed torch before Olive makes the adapter: its LoRA pass draws LoRA A at random before the
+    trainer seeds anything, so two runs of one recipe started from different A matrices."""
+    from transformers import set_seed
+
+    first = next(iter(config["passes"].values()))
+    set_seed(first.get("training_args", first).get("seed", 42))
 
 
 def _checkpoints(config: dict, stage: str) -> Path:

@@ -56,26 +56,30 @@ def render_finetune(recipe: Recipe, model_path: str, sources: Sources, work_dir:
         data_configs += [_preference_data_config(n, part, recipe, sources)
                          for n, part in (("dpo_train_data", "train"), ("dpo_eval_data", "eval"))[: 1 + has_eval]]
         passes[DPO_PASS] = _dpo_pass(recipe, has_eval, work_dir)
-    input_model = {
-        "type": "HfModel",
-        "model_path": model_path,
-        "task": "text-generation",
-        "load_kwargs": {"trust_remote_code": recipe.model.trust_remote_code},
-    }
-    return workflow(input_model, passes, work_dir, data_configs=data_configs)
+    load_kwargs = {"trust_remote_code": recipe.model.trust_remote_code}
+    if recipe.model.load_in_8bit:
+        # Olive's LoRA pass loads the base with these: the frozen weights in bitsandbytes int8.
+        load_kwargs.update(quantization_method="bitsandbytes", quantization_config={"load_in_8bit": True})
+    input_model = {"type": "HfModel", "model_path": model_path, "task": "text-generation", "load_kwargs": load_kwargs}
+    system = None
+    if recipe.system.type != "LocalSystem":
+        system = {"type": recipe.system.type, "config": dict(recipe.system.config)}
+    return workflow(input_model, passes, work_dir, system=system, data_configs=data_configs)
 
 
 def workflow(input_model: dict, passes: dict, work_dir: str, system: Optional[dict] = None,
              data_configs: Optional[list] = None) -> dict:
-    """An Olive workflow on the local system, with its cache and output under work_dir."""
-    config = {"input_model": input_model, "systems": {"local_system": system or {"type": "LocalSystem"}}}
+    """An Olive workflow with its cache and output under work_dir, on this machine unless `system` names
+    another (a Docker image or Python environment: Olive runs the passes there)."""
+    name = "local_system" if system is None or system["type"] == "LocalSystem" else system["type"].lower()
+    config = {"input_model": input_model, "systems": {name: system or {"type": "LocalSystem"}}}
     if data_configs is not None:
         config["data_configs"] = data_configs
     return {
         **config,
         "passes": passes,
-        "host": "local_system",
-        "target": "local_system",
+        "host": name,
+        "target": name,
         "evaluate_input_model": False,
         "log_severity_level": 3,
         "cache_dir": f"{work_dir}/olive-cache",
@@ -99,6 +103,7 @@ def _sft_data_config(name: str, part: str, recipe: Recipe, model_path: str, sour
                 "max_samples": d.max_samples,
                 "dedupe": d.dedupe,
                 "seed": recipe.training.seed,
+                **({"template": d.template.model_dump(mode="json")} if d.template else {}),
             },
         },
         "pre_process_data_config": {
@@ -154,9 +159,10 @@ def _dpo_pass(recipe: Recipe, has_eval: bool, work_dir: str) -> dict:
         "lora_dropout": lora.dropout,
         "target_modules": list(lora.target_modules),
         "torch_dtype": dpo.dtype,
-        "quantize_4bit": recipe.method == "qlora",
+        "quantization": "4bit" if recipe.method == "qlora" else "8bit" if recipe.model.load_in_8bit else None,
         "precompute_ref_log_probs": dpo.precompute_ref_log_probs,
         "gradient_checkpointing": dpo.gradient_checkpointing,
+        "optim": dpo.optimizer,
         "logging_steps": recipe.training.logging_steps,
         "save_steps": dpo.save_steps,
         "output_dir": f"{work_dir}/dpo-checkpoints",
@@ -213,6 +219,7 @@ def _training_args(recipe: Recipe, has_eval: bool, work_dir: str) -> dict:
         "max_steps": t.max_steps,
         "num_train_epochs": t.epochs,
         "gradient_checkpointing": t.gradient_checkpointing,
+        "optim": recipe.optimizer,
         "logging_steps": t.logging_steps,
         "seed": t.seed,
         "data_seed": t.seed,
@@ -221,6 +228,8 @@ def _training_args(recipe: Recipe, has_eval: bool, work_dir: str) -> dict:
         "remove_unused_columns": False,
         **save,
     }
+    if recipe.distributed.num_processes > 1:
+        args["ddp_find_unused_parameters"] = False  # the frozen base has no gradients; DDP must not wait for them
     if has_eval:
         args["eval_strategy"] = "steps" if t.max_steps > 0 else "epoch"
         args["eval_on_start"] = True  # a step-0 eval loss, to show what training changed

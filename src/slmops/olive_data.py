@@ -8,7 +8,7 @@ and mask the prompt (slmops.data.tokenize_sft); Olive's LoRA pass pads them per 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 from olive.data.registry import Registry
 
@@ -25,13 +25,14 @@ def slmops_sft_dataset(
     format: str = "auto",  # noqa: A002 - the recipe's own key name
     part: str = "train",
     eval_source: Optional[dict] = None,
-    eval_split: Optional[float] = None,
+    eval_split: Optional[Union[float, str]] = None,
     max_samples: Optional[int] = None,
     dedupe: bool = True,
     seed: int = 42,
+    template: Optional[dict] = None,
 ):
     """Normalised SFT examples of one part ("train" or "eval")."""
-    return _part("sft", format, source, part, eval_source, eval_split, max_samples, None, dedupe, seed)
+    return _part("sft", format, source, part, eval_source, eval_split, max_samples, None, dedupe, seed, template)
 
 
 @Registry.register_pre_process(SFT_TOKENIZE)
@@ -50,7 +51,7 @@ def slmops_preference_dataset(
     source: dict,
     part: str = "train",
     eval_source: Optional[dict] = None,
-    eval_split: Optional[float] = None,
+    eval_split: Optional[Union[float, str]] = None,
     max_samples: Optional[int] = None,
     eval_max_samples: Optional[int] = None,
     dedupe: bool = True,
@@ -61,7 +62,7 @@ def slmops_preference_dataset(
                  dedupe, seed)
 
 
-def _part(kind, fmt, source, part, eval_source, eval_split, max_samples, eval_max_samples, dedupe, seed):
+def _part(kind, fmt, source, part, eval_source, eval_split, max_samples, eval_max_samples, dedupe, seed, template=None):
     train, held = data.load_splits(
         data.source_from_dict(source),
         kind,
@@ -71,5 +72,6 @@ def _part(kind, fmt, source, part, eval_source, eval_split, max_samples, eval_ma
         max_samples=max_samples,
         drop_duplicates=dedupe,
         seed=seed,
+        template=template,
     )
     return train if part == "train" else held[:eval_max_samples]

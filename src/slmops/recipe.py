@@ -6,16 +6,23 @@ Precedence: schema defaults < recipe file < CLI flags < ``--set key=value`` over
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args
+import re
+from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slmops.errors import RecipeError
 from slmops.models import DEFAULT_MODEL
 
 Dtype = Literal["bfloat16", "float16", "float32"]
-SftFormat = Literal["auto", "alpaca", "input_output", "prompt_completion", "messages", "text"]
+SftFormat = Literal["auto", "alpaca", "input_output", "prompt_completion", "messages", "text", "template"]
+# transformers' optimizer names; paged / 8-bit ones come from bitsandbytes.
+Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "paged_adamw_32bit", "paged_adamw_8bit",
+                    "adamw_bnb_8bit", "paged_lion_32bit"]
+BNB_OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_bnb_8bit", "paged_lion_32bit")
+# A split with an optional slice, as `datasets` writes it: train, train[:2000], train[10%:20%], test[-500:]
+SPLIT_PATTERN = r"^[A-Za-z_][\w.-]*(\[-?\d*%?:-?\d*%?\])?$"
 
 
 class Section(BaseModel):
@@ -28,6 +35,7 @@ class ModelSection(Section):
         description="Alias (smollm2-135m-instruct, embedded), local Hugging Face folder, or hub id.",
     )
     trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
+    load_in_8bit: bool = Field(False, description="Freeze the base in bitsandbytes int8 (8-bit LoRA; needs bitsandbytes).")
 
 
 class DataSourceSection(Section):
@@ -41,13 +49,31 @@ class DataSourceSection(Section):
         description="Data file (json, jsonl, csv, parquet): a path, or a name looked up in $SLMOPS_DATA_DIR, "
         "or a file inside `dataset` on the hub.",
     )
-    split: str = Field("train", description="Split to read from a hub dataset.")
-    eval_split: Optional[float] = Field(
-        None, gt=0, lt=1, description="Fraction of rows held out for evaluation (seeded), never trained on."
+    split: str = Field("train", description="Split to read, with an optional slice as "
+                       "`datasets` writes it (train[:2000], train[10%:]); a local file is the train split.")
+    eval_split: Optional[Union[float, str]] = Field(
+        None, description="Held-out rows for evaluation, never trained on: a fraction (0.1, seeded), or a "
+        "split slice (train[2000:2200]) that must not overlap `split`."
     )
     eval_file: Optional[str] = Field(None, description="A separate evaluation file (same lookup as `file`).")
     max_samples: Optional[int] = Field(None, ge=1, description="Use at most this many training rows.")
     dedupe: bool = Field(True, description="Drop exact duplicate rows.")
+
+    @field_validator("split")
+    @classmethod
+    def _check_split(cls, value):
+        if not re.match(SPLIT_PATTERN, value):
+            raise ValueError("expected a split name with an optional slice, such as train, train[:2000] or train[90%:]")
+        return value
+
+    @field_validator("eval_split")
+    @classmethod
+    def _check_eval_split(cls, value):
+        if isinstance(value, float) and not 0 < value < 1:
+            raise ValueError("a fraction must be between 0 and 1 (exclusive), e.g. 0.1")
+        if isinstance(value, str) and not re.match(SPLIT_PATTERN, value):
+            raise ValueError("expected a fraction (0.1) or a split slice such as train[2000:2200]")
+        return value
 
     @model_validator(mode="after")
     def _check_source(self):
@@ -58,12 +84,43 @@ class DataSourceSection(Section):
         return self
 
 
+class TemplateSection(Section):
+    """Rows of any columns made into prompt/completion text, e.g. classification as generation."""
+
+    prompt: str = Field(description="Prompt text with {column} fields, e.g. 'Classify: {sentence}'.")
+    completion: str = Field(description="Answer text with {column} fields, e.g. '{label}'.")
+    value_names: dict[str, dict[Union[int, str], str]] = Field(
+        default_factory=dict, description="Per column, names for raw values, e.g. {label: {0: negative, 1: positive}}.")
+
+    @model_validator(mode="after")
+    def _check_fields(self):
+        from string import Formatter
+
+        for text in (self.prompt, self.completion):
+            try:
+                fields = [name for _, name, _, _ in Formatter().parse(text) if name is not None]
+            except ValueError as exc:
+                raise ValueError(f"template {text!r}: {exc}; write columns as {{column}} and braces as {{{{ }}}}") from None
+            if any(not f.isidentifier() for f in fields):
+                raise ValueError(f"template {text!r}: fields must be plain column names such as {{text}}")
+        return self
+
+
 class DataSection(DataSourceSection):
     """SFT data."""
 
-    format: SftFormat = Field("auto", description="Row format; auto detects it from the columns.")
+    format: SftFormat = Field("auto", description="Row format; auto detects it from the columns (template with `template`).")
+    template: Optional[TemplateSection] = Field(None, description="Build prompt/completion from columns (format: template).")
     chat_template: bool = Field(True, description="Format prompts with the model's chat template if it has one.")
     max_seq_len: int = Field(512, ge=16, description="Tokens per example; longer examples are truncated.")
+
+    @model_validator(mode="after")
+    def _check_template(self):
+        if self.template is not None and self.format == "auto":
+            self.format = "template"
+        if (self.format == "template") != (self.template is not None):
+            raise ValueError("format: template and a `template` section go together; set both or neither")
+        return self
 
 
 class PreferenceDataSection(DataSourceSection):
@@ -90,6 +147,7 @@ class DpoSection(Section):
     dtype: Dtype = Field("bfloat16", description="Autocast dtype over fp32 weights (float32 = no autocast).")
     precompute_ref_log_probs: bool = Field(False, description="Compute reference log-probs once, before training.")
     gradient_checkpointing: bool = False
+    optimizer: Optimizer = Field("adamw_torch", description="Optimizer (paged / 8-bit ones need bitsandbytes).")
     save_steps: Optional[int] = Field(None, ge=1, description="Checkpoint every N steps (default: at the end).")
     extra: dict[str, Any] = Field(default_factory=dict, description="Extra TRL DPOConfig keys, passed through.")
 
@@ -121,9 +179,42 @@ class TrainingSection(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     dtype: Dtype = Field("bfloat16", description="Training dtype (float16 means fp16 mixed precision).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    optimizer: Optional[Optimizer] = Field(
+        None, description="Optimizer; default adamw_torch for lora, paged_adamw_32bit for qlora (Olive's QLoRA default).")
     logging_steps: int = Field(1, ge=1, description="Log the loss every N steps.")
     save_steps: Optional[int] = Field(None, ge=1, description="Checkpoint every N steps (default: at the end).")
     seed: int = Field(42, ge=0)
+
+
+class DistributedSection(Section):
+    """Data-parallel training under Hugging Face accelerate; only rank 0 writes outputs and logs."""
+
+    num_processes: int = Field(1, ge=1, le=1024, description="Training processes (one per GPU; on CPU, gloo).")
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="ddp; fsdp and deepspeed take their settings from an accelerate config file.")
+    config_file: Optional[str] = Field(None, description="accelerate config file (`accelerate config`), passed through.")
+    main_process_port: Optional[int] = Field(None, ge=1024, le=65535, description="Rendezvous port (default: a free one).")
+
+    @model_validator(mode="after")
+    def _check_strategy(self):
+        if self.strategy != "ddp" and not self.config_file:
+            raise ValueError(f"strategy {self.strategy} needs config_file: an accelerate config file with its "
+                             "settings (write one with `accelerate config`)")
+        return self
+
+
+class SystemSection(Section):
+    """Where Olive runs the workflow: this machine, a Docker image, or another Python environment."""
+
+    type: Literal["LocalSystem", "Docker", "PythonEnvironment", "AzureML"] = "LocalSystem"
+    config: dict[str, Any] = Field(default_factory=dict, description="Olive's settings for that system, passed through.")
+
+    @model_validator(mode="after")
+    def _check_type(self):
+        if self.type == "AzureML":
+            raise ValueError("olive-ai 0.13 has no AzureML system (it was removed); run in a Docker image "
+                             "(type: Docker) or a Python environment on the Azure machine instead")
+        return self
 
 
 class ExportSection(Section):
@@ -149,12 +240,23 @@ class Recipe(Section):
     training: TrainingSection = Field(default_factory=TrainingSection)
     dpo: Optional[DpoSection] = Field(None, description="Preference tuning (after SFT when `data` is set).")
     export: ExportSection = Field(default_factory=ExportSection, description="How `slmops export` builds the bundle.")
+    distributed: DistributedSection = Field(default_factory=DistributedSection, description="Multi-process training.")
+    system: SystemSection = Field(default_factory=SystemSection, description="The Olive system the workflow runs on.")
 
     @model_validator(mode="after")
     def _check_stages(self):
         if self.data is None and self.dpo is None:
             raise ValueError("nothing to train: add a `data` section (SFT) and/or a `dpo` section (preference tuning)")
+        if self.method == "qlora" and self.model.load_in_8bit:
+            raise ValueError("method qlora loads the base in 4 bits; drop model.load_in_8bit, or use method: lora")
+        if self.distributed.num_processes > 1 and self.system.type != "LocalSystem":
+            raise ValueError("distributed training runs on this machine; drop the `system` section or set "
+                             "distributed.num_processes: 1")
         return self
+
+    @property
+    def optimizer(self) -> str:
+        return self.training.optimizer or ("paged_adamw_32bit" if self.method == "qlora" else "adamw_torch")
 
     @property
     def stages(self) -> list[str]:

@@ -20,13 +20,15 @@ import click
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run from its last checkpoint (training.save_steps sets how often): "
                    "the run for -o, else the recipe's newest under outputs/.")
+@click.option("--num-processes", type=click.IntRange(1, 1024), default=None,
+              help="Train in N data-parallel processes under accelerate (overrides distributed.num_processes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def finetune_command(recipe, model, data, output, sets, dry_run, resume, as_json) -> None:
+def finetune_command(recipe, model, data, output, sets, dry_run, resume, num_processes, as_json) -> None:
     """Fine-tune a model (LoRA / QLoRA SFT, DPO) through Olive; writes a PEFT adapter."""
     from slmops.recipe import load_recipe
     from slmops.privacy import prepare_environment
 
-    r = load_recipe(recipe, flags={"model.name": model, **_data_flags(data)}, sets=list(sets))
+    r = load_recipe(recipe, flags={"model.name": model, "distributed.num_processes": num_processes, **_data_flags(data)}, sets=list(sets))
     prepare_environment(r)
     from slmops.errors import RunError
     from slmops.finetune import default_output, finetune, interrupted_run

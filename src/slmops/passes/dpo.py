@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from copy import deepcopy
 from pathlib import Path
@@ -54,8 +55,9 @@ class DPO(Pass):
                                 description="Modules for a fresh adapter (default: q_proj, v_proj)."),
             "torch_dtype": p(type_=str, default_value="bfloat16",
                              description="bfloat16 / float16: mixed-precision autocast over fp32 weights; float32."),
-            "quantize_4bit": p(type_=bool, default_value=False,
-                               description="Load the base in 4-bit nf4 (QLoRA + DPO; needs bitsandbytes)."),
+            "quantization": p(type_=str, default_value=None,
+                              description="4bit: the base in nf4 (QLoRA + DPO); 8bit: in int8. Needs bitsandbytes."),
+            "optim": p(type_=str, default_value="adamw_torch", description="Optimizer (transformers' name)."),
             "precompute_ref_log_probs": p(type_=bool, default_value=False,
                                           description="Compute reference log-probs once before training."),
             "gradient_checkpointing": p(type_=bool, default_value=False, description="Trade compute for memory."),
@@ -78,7 +80,8 @@ class DPO(Pass):
         train = self._pairs(config.train_data_config, tokenizer, config.max_length)
         if config.max_steps > 0:
             # Only the pairs the steps will see (one epoch): reference log-probs are not spent on the rest.
-            used = config.max_steps * config.per_device_train_batch_size * config.gradient_accumulation_steps
+            processes = int(os.environ.get("WORLD_SIZE", "1"))  # data-parallel ranks share out the global batch
+            used = config.max_steps * config.per_device_train_batch_size * config.gradient_accumulation_steps * processes
             train = train.shuffle(seed=config.seed).select(range(min(used, len(train))))
         held = self._pairs(config.eval_data_config, tokenizer, config.max_length) if config.eval_data_config else None
         with tempfile.TemporaryDirectory(prefix="slmops-dpo-") as tmp:
@@ -86,8 +89,9 @@ class DPO(Pass):
             trainer = DPOTrainer(model=policy, args=args, train_dataset=train, eval_dataset=held,
                                  processing_class=tokenizer, peft_config=peft_config)
             trainer.train(resume_from_checkpoint=self._last_checkpoint(args.output_dir))
-            # The last checkpoint predates the trainer's final summary (train_runtime): keep all of it.
-            (Path(args.output_dir) / "log_history.json").write_text(json.dumps(trainer.state.log_history))
+            if trainer.is_world_process_zero():  # with several processes, only rank 0 writes shared files
+                # The last checkpoint predates the trainer's final summary (train_runtime): keep all of it.
+                (Path(args.output_dir) / "log_history.json").write_text(json.dumps(trainer.state.log_history))
             adapter_path = Path(output_model_path) / "adapter"
             adapter_path.mkdir(parents=True, exist_ok=True)
             trainer.model.save_pretrained(adapter_path, selected_adapters=["default"], save_embedding_layers=False)
@@ -117,13 +121,17 @@ class DPO(Pass):
         load_kwargs = model.load_kwargs.model_dump() if model.load_kwargs else {}
         if load_kwargs.get("trust_remote_code"):
             kwargs["trust_remote_code"] = True
-        if config.quantize_4bit:
+        if config.quantization == "4bit":
             from transformers import BitsAndBytesConfig
 
             compute = torch.float16 if config.torch_dtype == "float16" else torch.bfloat16
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=compute)
+        elif config.quantization == "8bit":
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         base = AutoModelForCausalLM.from_pretrained(model.model_path, **kwargs)
         if model.adapter_path:
             return PeftModel.from_pretrained(base, model.adapter_path, is_trainable=True), None
@@ -173,6 +181,7 @@ class DPO(Pass):
             "gradient_accumulation_steps": config.gradient_accumulation_steps,
             "precompute_ref_log_probs": config.precompute_ref_log_probs,
             "gradient_checkpointing": config.gradient_checkpointing,
+            "optim": config.optim,
             "logging_steps": config.logging_steps,
             "save_strategy": "steps",
             "save_steps": config.save_steps or (config.max_steps if config.max_steps > 0 else 500),
