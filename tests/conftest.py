@@ -31,11 +31,13 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def build_tiny_model(folder: Path, texts: list[str], seed: int = 0) -> Path:
-    """A 2-layer Llama (hidden 64, the least bitsandbytes 4-bit takes on CPU) and a 400-token byte-level BPE trained on `texts`."""
+def build_tiny_model(folder: Path, texts: list[str], seed: int = 0, arch: str = "llama") -> Path:
+    """A 2-layer model (hidden 64, the least bitsandbytes 4-bit takes on CPU) of a real architecture
+    (llama, qwen2, phi3), and a 400-token byte-level BPE trained on `texts`."""
     import torch
+    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     bpe = Tokenizer(models.BPE())
@@ -50,14 +52,20 @@ def build_tiny_model(folder: Path, texts: list[str], seed: int = 0) -> Path:
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config_class, model_class = (getattr(transformers, f"{ARCHS[arch]}{kind}") for kind in ("Config", "ForCausalLM"))
+    config = config_class(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=arch != "phi3",
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        # phi3: one context length, the 4k layout (a longer one makes the builder expect LongRoPE factors)
+        **({"original_max_position_embeddings": 512} if arch == "phi3" else {}),
     )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model_class(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+ARCHS = {"llama": "Llama", "qwen2": "Qwen2", "phi3": "Phi3"}  # model_type -> transformers class prefix
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """Each workaround in slmops.compat has a test here that fails once upstream no longer needs it."""
 
+import pytest
 from olive.telemetry import telemetry as olive_telemetry
 
 from slmops import compat
@@ -128,3 +129,24 @@ def test_an_interrupt_swallowed_inside_the_block_is_raised_after_it():
             except:  # noqa: E722 - what the builder does
                 pass
     assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_olive_qlora_still_trains_every_linear_layer(tiny_model, tmp_path):
+    """slmops.passes.qlora exists because Olive's QLoRA replaces target_modules with every 4-bit linear."""
+    pytest.importorskip("bitsandbytes")
+    from olive.hardware.accelerator import AcceleratorSpec
+    from olive.model import HfModelHandler
+    from olive.passes.pytorch.lora import QLoRA
+
+    spec = AcceleratorSpec("cpu", "CPUExecutionProvider")
+    olive_pass = QLoRA(spec, QLoRA.generate_config(spec, {"train_data_config": {"name": "x", "type": "HuggingfaceContainer"},
+                                                          "target_modules": ["q_proj"], "torch_dtype": "float32",
+                                                          "training_args": {}},
+                                                   disable_search=True))
+    model = HfModelHandler(model_path=str(tiny_model), task="text-generation")
+    from olive.passes.pytorch.lora import QLoRATrainingArguments
+
+    config = olive_pass.config
+    config.training_args = QLoRATrainingArguments()  # as the pass's run sets it before this step
+    _, peft_model, _, _ = olive_pass.get_quant_model(model, config, str(tmp_path))
+    assert set(peft_model.peft_config["default"].target_modules) > {"q_proj"}

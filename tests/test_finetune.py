@@ -130,8 +130,10 @@ def test_qlora_through_olive(tmp_path, tiny_model):
     recipe = tiny_recipe(tmp_path, tiny_model)
     recipe.method = "qlora"
     result = finetune(recipe, tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "olive_config.json").read_text())["passes"]["sft"]["type"] == "QLoRA"
+    assert json.loads((tmp_path / "out" / "olive_config.json").read_text())["passes"]["sft"]["type"] == "SlmopsQLoRA"
     assert result.stages["sft"].steps == 3
+    adapter = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]  # the recipe's, not every 4-bit linear
 
 
 def test_qlora_without_bitsandbytes_says_what_to_do(tmp_path, tiny_model, monkeypatch):

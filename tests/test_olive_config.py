@@ -88,7 +88,7 @@ def test_render_qlora_and_eval(tmp_path):
     r = _recipe(tmp_path, "  eval_split: 0.2\nmethod: qlora\nqlora:\n  quant_type: fp4\n")
     config = render_finetune(r, "/m", Sources(sft=DataSource(path="/d.jsonl")))
     sft = config["passes"]["sft"]
-    assert sft["type"] == "QLoRA"
+    assert sft["type"] == "SlmopsQLoRA"
     assert (sft["quant_type"], sft["double_quant"], sft["compute_dtype"]) == ("fp4", True, "bfloat16")
     assert sft["eval_data_config"] == "eval_data"
     parts = [d["load_dataset_config"]["params"]["part"] for d in config["data_configs"]]

@@ -1,7 +1,9 @@
 """Workarounds for measured bugs in pinned dependencies.
 
-This is the only module that knows about such bugs. Each workaround has a test in
-tests/test_compat.py that fails once the upstream package no longer needs it.
+This is the only module that knows about such bugs, with one exception: an Olive pass must be
+a class of its own, so the QLoRA workaround (Olive's QLoRA ignores target_modules) lives in
+slmops.passes.qlora. Each workaround has a test in tests/test_compat.py that fails once the
+upstream package no longer needs it.
 """
 
 from __future__ import annotations

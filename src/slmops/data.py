@@ -603,13 +603,15 @@ def load_splits(
     drop_duplicates: bool = True,
     seed: int = 42,
     template: Optional[dict] = None,
+    columns: Optional[dict[str, str]] = None,
 ) -> tuple[list[dict], list[dict]]:
     """Read, normalise ("sft" or "preference"), dedupe and split: (train examples, eval examples).
 
     eval_split: a fraction held out at random (seeded), or a slice of the same data (train[2000:2200]).
+    columns: {name slmops reads: the data's column}, applied before the format is read.
     """
     def read(source: DataSource) -> list[dict]:
-        rows = read_rows(source)
+        rows = rename_columns(read_rows(source), columns or {})
         if kind == "sft":
             return normalise_sft(rows, source.label, fmt, template)
         return normalise_preference(rows, source.label)
@@ -628,6 +630,19 @@ def load_splits(
     if max_samples:
         examples = examples[:max_samples]
     return examples, held
+
+
+def rename_columns(rows: list[Row], columns: dict[str, str]) -> list[Row]:
+    if not columns:
+        return rows
+    renamed = []
+    for number, row in rows:
+        row = dict(row)
+        for ours, theirs in columns.items():
+            if theirs in row:
+                row[ours] = row.pop(theirs)
+        renamed.append((number, row))
+    return renamed
 
 
 def check_disjoint(train: DataSource, eval_split: str) -> None:

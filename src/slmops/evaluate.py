@@ -192,9 +192,9 @@ def recipe_pairs(recipe, split: str = "eval") -> list[dict]:
     p = recipe.dpo.data
     source, eval_source = locate_section(p)
     if split == "all":
-        return load_splits(source, "preference", drop_duplicates=p.dedupe)[0]
+        return load_splits(source, "preference", drop_duplicates=p.dedupe, columns=p.columns)[0]
     train, held = load_splits(source, "preference", eval_source=eval_source, eval_split=p.eval_split,
-                                    drop_duplicates=p.dedupe, seed=recipe.training.seed)
+                              drop_duplicates=p.dedupe, seed=recipe.training.seed, columns=p.columns)
     if split == "eval" and not held:
         raise RecipeError(f"recipe {recipe.name} holds no pairs out (dpo.data.eval_split / eval_file); "
                           "use --split all or pass --data PREFS")

@@ -82,7 +82,7 @@ def plan(recipe: Recipe) -> Plan:
         train, held = data_mod.load_splits(
             sources.sft, "sft", d.format, eval_source=sources.sft_eval, eval_split=d.eval_split,
             max_samples=d.max_samples, drop_duplicates=d.dedupe, seed=recipe.training.seed,
-            template=d.template.model_dump() if d.template else None)
+            template=d.template.model_dump() if d.template else None, columns=d.columns)
         counts["sft"] = (len(train), len(held))
     if recipe.dpo:
         p = recipe.dpo.data
@@ -90,7 +90,7 @@ def plan(recipe: Recipe) -> Plan:
         sources = replace(sources, dpo=dpo, dpo_eval=dpo_eval)
         train, held = data_mod.load_splits(
             sources.dpo, "preference", eval_source=sources.dpo_eval, eval_split=p.eval_split,
-            max_samples=p.max_samples, drop_duplicates=p.dedupe, seed=recipe.training.seed)
+            max_samples=p.max_samples, drop_duplicates=p.dedupe, seed=recipe.training.seed, columns=p.columns)
         counts["dpo"] = (len(train), len(held[: p.eval_max_samples]))
     model = resolve_model(recipe.model.name)
     return Plan(recipe, model, sources, counts)

@@ -12,7 +12,8 @@ from slmops.data import DataSource
 from slmops.recipe import Recipe
 
 SFT_PASS, DPO_PASS = "sft", "dpo"
-_OLIVE_PASS = {"lora": "LoRA", "qlora": "QLoRA"}
+# qlora: Olive's QLoRA trains every linear layer whatever target_modules says (slmops.passes.qlora)
+_OLIVE_PASS = {"lora": "LoRA", "qlora": "SlmopsQLoRA"}
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ def _sft_data_config(name: str, part: str, recipe: Recipe, model_path: str, sour
                 "dedupe": d.dedupe,
                 "seed": recipe.training.seed,
                 **({"template": d.template.model_dump(mode="json")} if d.template else {}),
+                **({"columns": dict(d.columns)} if d.columns else {}),
             },
         },
         "pre_process_data_config": {
@@ -134,6 +136,7 @@ def _preference_data_config(name: str, part: str, recipe: Recipe, sources: Sourc
                 "eval_max_samples": p.eval_max_samples,
                 "dedupe": p.dedupe,
                 "seed": recipe.training.seed,
+                **({"columns": dict(p.columns)} if p.columns else {}),
             },
         },
     }
@@ -252,6 +255,14 @@ def package_config() -> dict:
 SLMOPS_PASSES: dict[str, dict] = {
     "DPO": {
         "module_path": "slmops.passes.dpo.DPO",
+        "supported_providers": ["*"],
+        "supported_accelerators": ["*"],
+        "supported_precisions": ["*"],
+        "supported_algorithms": [],
+        "supported_quantization_encodings": [],
+    },
+    "SlmopsQLoRA": {
+        "module_path": "slmops.passes.qlora.SlmopsQLoRA",
         "supported_providers": ["*"],
         "supported_accelerators": ["*"],
         "supported_precisions": ["*"],

@@ -30,9 +30,11 @@ def slmops_sft_dataset(
     dedupe: bool = True,
     seed: int = 42,
     template: Optional[dict] = None,
+    columns: Optional[dict] = None,
 ):
     """Normalised SFT examples of one part ("train" or "eval")."""
-    return _part("sft", format, source, part, eval_source, eval_split, max_samples, None, dedupe, seed, template)
+    return _part("sft", format, source, part, eval_source, eval_split, max_samples, None, dedupe, seed, template,
+                 columns)
 
 
 @Registry.register_pre_process(SFT_TOKENIZE)
@@ -56,13 +58,15 @@ def slmops_preference_dataset(
     eval_max_samples: Optional[int] = None,
     dedupe: bool = True,
     seed: int = 42,
+    columns: Optional[dict] = None,
 ):
     """Normalised preference pairs {prompt, chosen, rejected} of one part ("train" or "eval")."""
     return _part("preference", "auto", source, part, eval_source, eval_split, max_samples, eval_max_samples,
-                 dedupe, seed)
+                 dedupe, seed, columns=columns)
 
 
-def _part(kind, fmt, source, part, eval_source, eval_split, max_samples, eval_max_samples, dedupe, seed, template=None):
+def _part(kind, fmt, source, part, eval_source, eval_split, max_samples, eval_max_samples, dedupe, seed, template=None,
+          columns=None):
     train, held = data.load_splits(
         data.source_from_dict(source),
         kind,
@@ -73,5 +77,6 @@ def _part(kind, fmt, source, part, eval_source, eval_split, max_samples, eval_ma
         drop_duplicates=dedupe,
         seed=seed,
         template=template,
+        columns=columns,
     )
     return train if part == "train" else held[:eval_max_samples]

@@ -58,6 +58,9 @@ class DataSourceSection(Section):
     eval_file: Optional[str] = Field(None, description="A separate evaluation file (same lookup as `file`).")
     max_samples: Optional[int] = Field(None, ge=1, description="Use at most this many training rows.")
     dedupe: bool = Field(True, description="Drop exact duplicate rows.")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Read a column under another name: {slmops name: data set column}, "
+        "e.g. {prompt: question} for pairs whose prompt column is `question`.")
 
     @field_validator("split")
     @classmethod
