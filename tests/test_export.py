@@ -254,9 +254,15 @@ def test_recorded_base_fingerprint_is_checked(tiny_model, adapters, tmp_path):
 ])
 def test_targets_render_and_validate(tiny_model, adapters, tmp_path, target, extra):
     out = tmp_path / target
-    code, msg = run("export", "-m", tiny_model, "-a", f"qv={adapters['qv']}", "-t", target, *extra, "--dry-run",
-                    "-o", out)
-    assert code == 0, msg
+    result = CliRunner().invoke(cli, [str(a) for a in ("export", "-m", tiny_model, "-a", f"qv={adapters['qv']}",
+                                                       "-t", target, *extra, "--dry-run", "-o", out)])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith(f"... note: target {target}:")]
+    assert bool(notes) == (target != "cpu")  # limits said before anything is built
+    if target in ("dml", "qnn", "openvino", "vitisai"):
+        assert any("merged model (--merge NAME), the route that works here" in n for n in notes)
+    if target in ("qnn", "openvino", "vitisai"):
+        assert any("static shapes" in n for n in notes) and any("calibration-based" in n for n in notes)
     config = json.loads((out / ("olive_config.json" if "--merge" not in extra else "merged/qv/olive_config.json")).read_text())
     assert config["systems"]["local_system"]["accelerators"][0]["execution_providers"][0].lower().startswith(
         {"cuda": "cuda", "webgpu": "webgpu", "dml": "dml", "qnn": "qnn", "openvino": "openvino",

@@ -55,6 +55,23 @@ TARGETS = {t.name: t for t in (
 )}
 
 
+def target_limits(target: Target) -> list[str]:
+    """What the stack cannot do on this target, said before a build starts (and in --dry-run)."""
+    limits = []
+    if not target.adapters:
+        limits.append(f"no run-time adapters ({target.why_no_adapters}): each adapter becomes a merged model "
+                      "(--merge NAME), the route that works here")
+    if target.static_shapes:
+        limits.append("static shapes: batch 1, context 64 (Olive's StaticLLM pass), fixed when the NPU compiles")
+    if target.name in ("qnn", "vitisai", "openvino"):
+        limits.append("no calibration-based quantization (GPTQ/AWQ/QDQ): with separate adapters Olive's "
+                      "calibrated passes refuse the model; the builder's weight-only int4 is used")
+    if target.device != "cpu":
+        limits.append(f"runs only where onnxruntime-genai has {target.provider}; this machine builds the model but "
+                      "`slmops generate` / `bench` need that hardware")
+    return limits
+
+
 @dataclass(frozen=True)
 class Quantization:
     precision: str = "int4"
@@ -200,6 +217,8 @@ def export(req: ExportRequest, output: Path, dry_run: bool = False, progress=Non
 
     start = time.monotonic()
     checked = check_request(req)
+    for limit in target_limits(req.target):  # after the refusals, so a refused request stays one line
+        _say(progress, f"note: target {req.target.name}: {limit}")
     adapters, n_layers, shapes = checked.adapters, checked.n_layers, checked.shapes
     run_time = adapters if req.target.adapters else []  # the rest are only merged
     modules = graph_modules(req, run_time) if req.target.adapters else set()
