@@ -1,11 +1,13 @@
 import copy
+import sys
+from pathlib import Path
 import json
 
 import pytest
 from conftest import REPO, write_recipe
 
 from slmops.data import DataSource
-from slmops.errors import RunError
+from slmops.errors import RecipeError, RunError
 from slmops.olive_config import (
     Sources,
     drifted_configs,
@@ -137,3 +139,24 @@ def test_dpo_alone_has_no_sft_pass(tmp_path):
     config = render_portable(r)
     assert list(config["passes"]) == ["dpo"]
     assert config["passes"]["dpo"]["quantization"] is None
+
+
+def test_olive_systems_render_and_validate(tmp_path):
+    """A recipe's `system` block becomes the workflow's host and target, checked by Olive (dry run)."""
+    docker = _recipe(tmp_path)
+    docker.system.type, docker.system.config = "Docker", {
+        "image_name": "slmops:latest", "dockerfile": "Dockerfile", "build_context_path": str(tmp_path)}
+    config = render_portable(docker)
+    assert config["host"] == config["target"] == "docker"
+    assert config["systems"] == {"docker": {"type": "Docker", "config": docker.system.config}}
+    validate_with_olive(config)
+
+    env = _recipe(tmp_path)
+    env.system.type, env.system.config = "PythonEnvironment", {"python_environment_path": str(tmp_path / "none")}
+    with pytest.raises(RunError, match="Olive rejected the workflow config"):
+        validate_with_olive(render_portable(env))
+    env.system.config = {"python_environment_path": str(Path(sys.executable).parent)}
+    validate_with_olive(render_portable(env))
+
+    with pytest.raises(RecipeError, match="olive-ai 0.13 has no AzureML system"):
+        load_recipe(str(write_recipe(tmp_path / "aml.yaml", "data:\n  file: d.jsonl\nsystem:\n  type: AzureML\n")))
