@@ -30,7 +30,6 @@ def tiny_models(tmp_path_factory, shared_data):
 
 def sft_row(section, i: int) -> dict:
     """One row in the layout the recipe's data section reads (after its column renames)."""
-    renamed = {ours: theirs for ours, theirs in section.columns.items()}
     if section.template is not None:
         row = {}
         for text in (section.template.prompt, section.template.completion):
@@ -47,7 +46,7 @@ def sft_row(section, i: int) -> dict:
     if fmt == "input_output":
         return {"input": f"question {i}?", "output": f"answer {i}."}
     row = {"prompt": f"write code {i}", "completion": f"print({i})"}
-    return {renamed.get(k, k): v for k, v in row.items()}
+    return {section.columns.get(k, k): v for k, v in row.items()}
 
 
 def preference_row(section, i: int) -> dict:

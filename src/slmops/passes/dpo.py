@@ -121,17 +121,13 @@ class DPO(Pass):
         load_kwargs = model.load_kwargs.model_dump() if model.load_kwargs else {}
         if load_kwargs.get("trust_remote_code"):
             kwargs["trust_remote_code"] = True
-        if config.quantization == "4bit":
+        if config.quantization:
             from transformers import BitsAndBytesConfig
 
             compute = torch.float16 if config.torch_dtype == "float16" else torch.bfloat16
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=compute)
-        elif config.quantization == "8bit":
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True) if config.quantization == "8bit" \
+                else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                        bnb_4bit_compute_dtype=compute)
         base = AutoModelForCausalLM.from_pretrained(model.model_path, **kwargs)
         if model.adapter_path:
             return PeftModel.from_pretrained(base, model.adapter_path, is_trainable=True), None
