@@ -376,3 +376,117 @@ def test_export_and_generate_make_no_outbound_connection(tiny_model, adapters, t
     assert run("export", "-m", tiny_model, "-a", f"qv={adapters['qv']}", "-p", "fp32", "-o", out)[0] == 0
     assert run("generate", out, "-a", "qv", "-p", "hi", "--max-new-tokens", "4")[0] == 0
     assert no_network == []
+
+
+# ORT model packages: bundles of one model as variants, laid out by Olive's generate-model-package.
+
+
+@pytest.fixture(scope="module")
+def package(bundle, fp32_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("packages") / "tiny"
+    code, msg = run("package", bundle, fp32_bundle, "-o", out)
+    assert code == 0, msg
+    assert msg.startswith(f"{out}.ortpackage: 2 variants (cpu-int4 on CPUExecutionProvider, cpu-fp32 on "
+                          "CPUExecutionProvider), adapters: all, qv, ")
+    return Path(f"{out}.ortpackage")
+
+
+def test_package_has_olives_layout_and_each_bundle(package, bundle, fp32_bundle):
+    from slmops.package import variant_genai_config
+
+    olive_manifest = json.loads((package / "manifest.json").read_text())
+    assert olive_manifest["components"] == ["decoder"] and olive_manifest["producer"]["tool"] == "olive-ai"
+    metadata = json.loads((package / "models/decoder/metadata.json").read_text())
+    assert metadata["variants"] == {"cpu-int4": {"ep": "CPUExecutionProvider"},
+                                    "cpu-fp32": {"ep": "CPUExecutionProvider"}}
+    assert (package / "configs/tokenizer.json").is_file()
+    assert not (package / "configs/adapters").exists() and not (package / "configs/slmops.json").exists()
+    for variant, source in (("cpu-int4", bundle), ("cpu-fp32", fp32_bundle)):
+        folder = package / "models/decoder" / variant
+        assert variant_genai_config(package, variant) == json.loads((source / "genai_config.json").read_text())
+        assert (folder / "bundle.json").read_bytes() == (source / "slmops.json").read_bytes()
+        for name in ("model.onnx", "model.onnx.data", "adapters/qv.onnx_adapter", "adapters/all.onnx_adapter"):
+            assert (folder / name).read_bytes() == (source / name).read_bytes(), (variant, name)
+    manifest = json.loads((package / "slmops.json").read_text())
+    assert manifest["format"] == "slmops-package" and list(manifest["variants"]) == ["cpu-int4", "cpu-fp32"]
+    assert run("verify", package) == (0, f"{package}: {len(manifest['files'])} files match their sha256 in "
+                                         "slmops.json")
+
+
+def test_package_variants_generate_as_their_bundles(package, bundle, fp32_bundle):
+    from slmops.runtime import Runtime, Sampling
+
+    sampling = Sampling(max_new_tokens=10, temperature=1.0, seed=3)
+    assert Runtime(package).variant == "cpu-int4"  # both run here: the first one given
+    for variant, source in (("cpu-int4", bundle), ("cpu-fp32", fp32_bundle)):
+        packaged, alone = Runtime(package, variant=variant), Runtime(source)
+        for adapter in (None, "qv", "all"):
+            assert (packaged.generate("the", adapter, sampling).tokens
+                    == alone.generate("the", adapter, sampling).tokens), (variant, adapter)
+    code, out = run("generate", package, "--variant", "cpu-fp32", "-a", "all", "-p", "hi", "--max-new-tokens", "4",
+                    "--json")
+    assert code == 0 and json.loads(out)["completion_tokens"] == 4
+
+
+def _as_target(source: Path, copy: Path, target: str, provider: str, drop_adapter=None) -> Path:
+    shutil.copytree(source, copy)
+    manifest = json.loads((copy / "slmops.json").read_text())
+    manifest["target"].update(name=target, execution_provider=provider)
+    manifest["adapters"].pop(drop_adapter, None)
+    (copy / "slmops.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_package_refusals(package, bundle, fp32_bundle, tmp_path):
+    from slmops.runtime import available_eps
+
+    assert run("package", bundle, bundle, "-o", tmp_path / "p") == (
+        2, f"Error: bundles {bundle} and {bundle} are both cpu-int4; a package holds one bundle per target and "
+           "precision: package one of them")
+    fewer = _as_target(fp32_bundle, tmp_path / "fewer", "cpu", "CPUExecutionProvider", drop_adapter="all")
+    assert run("package", bundle, fewer, "-o", tmp_path / "p") == (
+        2, f"Error: bundles {bundle} and {fewer} have different adapters (all, qv vs qv); export the same adapters "
+           "for every variant")
+    assert run("package", bundle, tmp_path / "nope", "-o", tmp_path / "p")[0] == 2
+    assert not list(tmp_path.glob("p*")) and not list(tmp_path.glob(".slmops-partial-*"))
+    assert run("generate", package, "--variant", "x", "-p", "hi") == (
+        2, "Error: unknown variant 'x'; this package has: cpu-int4, cpu-fp32")
+    assert run("generate", bundle, "--variant", "cpu-int4", "-p", "hi") == (
+        2, f"Error: --variant is for model packages; '{bundle}' is a single bundle")
+    assert run("verify", package, "--parity")[0] == 2
+    if "cuda" in available_eps():
+        return
+    cuda = _as_target(fp32_bundle, tmp_path / "cuda", "cuda", "CUDAExecutionProvider")
+    assert run("package", bundle, cuda, "-o", tmp_path / "mixed")[0] == 0
+    from slmops.runtime import Runtime
+
+    assert Runtime(tmp_path / "mixed.ortpackage").variant == "cpu-int4"  # the variant this machine can run
+    assert run("generate", tmp_path / "mixed.ortpackage", "--variant", "cuda-fp32", "-p", "hi") == (
+        2, "Error: bundle is built for CUDAExecutionProvider, which this machine's ONNX Runtime does not have (it "
+           "has: cpu); run it on a machine with that device, or export for --target cpu")
+    assert run("package", cuda, "-o", tmp_path / "gpu")[0] == 0
+    assert run("generate", tmp_path / "gpu.ortpackage", "-p", "hi") == (
+        2, "Error: no variant of this package runs here: it has cuda-fp32, this machine's ONNX Runtime has cpu; "
+           "add a variant for one of those with `slmops package`")
+
+
+def test_tampered_package_fails_verify(package, tmp_path):
+    copy = tmp_path / "copy.ortpackage"
+    shutil.copytree(package, copy)
+    (copy / "models/decoder/cpu-int4/adapters/qv.onnx_adapter").write_bytes(b"x")
+    code, out = run("verify", copy)
+    assert code == 2 and "changed: models/decoder/cpu-int4/adapters/qv.onnx_adapter" in out
+
+
+def test_no_released_runtime_opens_olives_package_layout(package):
+    """Compat: slmops resolves a package's variant itself (slmops.package.open_variant). This fails once
+    the installed onnxruntime-genai, or ONNX Runtime's model-package reader, opens Olive 0.13's layout:
+    then run packages through it instead."""
+    import onnxruntime as ort
+    import onnxruntime_genai as og
+
+    with pytest.raises(Exception):
+        og.Model(og.Config(str(package)))
+    if hasattr(ort, "ModelPackageContext"):
+        with pytest.raises(Exception, match="manifest"):
+            ort.ModelPackageContext(str(package))

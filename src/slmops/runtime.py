@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from slmops.bundle import BundleError, read_manifest
+from slmops.package import is_package
 
 # Execution providers by target name: ONNX Runtime's name, and onnxruntime-genai's name for append_provider.
 EPS = {
@@ -80,13 +81,19 @@ class Completion:
 class Runtime:
     """A loaded bundle. Thread-safe: one generator per call, adapters loaded once."""
 
-    def __init__(self, bundle: Path, threads: Optional[int] = None, merged: Optional[str] = None):
+    def __init__(self, bundle: Path, threads: Optional[int] = None, merged: Optional[str] = None,
+                 variant: Optional[str] = None):
         from slmops.privacy import go_offline
 
         go_offline(olive=False)  # before onnxruntime-genai loads: its telemetry reads the environment
         import onnxruntime_genai as og
 
         self.path = Path(bundle)
+        self.variant = None
+        if is_package(self.path):
+            self.path = self._open_package(self.path, variant, merged)
+        elif variant is not None:
+            raise BundleError(f"--variant is for model packages; '{bundle}' is a single bundle")
         self.manifest = read_manifest(self.path)
         self._og = og
         model_dir = self.path
@@ -110,6 +117,18 @@ class Runtime:
         self.context_length = _context_length(model_dir)
         ids = self.tokenizer.eos_token_ids
         self._eos = {int(i) for i in (ids if hasattr(ids, "__iter__") else [ids])}
+
+    def _open_package(self, pkg: Path, variant: Optional[str], merged: Optional[str]) -> Path:
+        """A variant of a model package, laid out as a flat bundle in a folder that lives as long as we do."""
+        import tempfile
+
+        from slmops.package import choose_variant, open_variant, read_package
+
+        if merged is not None:
+            raise BundleError("a model package has no merged models; run --merged on the bundle that has them")
+        self.variant = choose_variant(read_package(pkg), variant, available_eps())
+        self._view = tempfile.TemporaryDirectory(prefix="slmops-variant-")
+        return open_variant(pkg, self.variant, Path(self._view.name))
 
     @property
     def adapter_names(self) -> list[str]:

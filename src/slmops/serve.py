@@ -29,6 +29,7 @@ class ServeOptions:
     max_queue: int = 64  # requests waiting beyond the workers, then 503
     max_body_bytes: int = 1 << 20
     max_tokens_limit: int = 2048
+    variant: Optional[str] = None  # of a model package
 
 
 class ChatMessage(BaseModel):
@@ -92,7 +93,7 @@ def create_app(bundle: Path, options: ServeOptions = ServeOptions()):
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import StreamingResponse
 
-    runtime = Runtime(bundle)
+    runtime = Runtime(bundle, variant=options.variant)
     for name in runtime.adapter_names:
         runtime.load_adapter(name)
     base_id = "base"

@@ -52,11 +52,12 @@ def cli(verbose: bool) -> None:
 
 def _register() -> None:
     from slmops.cli import eval as eval_cli
-    from slmops.cli import bench, doctor, export, finetune, generate, recipes, serve
+    from slmops.cli import bench, doctor, export, finetune, generate, package, recipes, serve
 
     cli.add_command(finetune.finetune_command)
     cli.add_command(export.export_command)
     cli.add_command(export.verify_command)
+    cli.add_command(package.package_command)
     cli.add_command(generate.generate_command)
     cli.add_command(generate.chat_command)
     cli.add_command(bench.bench_command)

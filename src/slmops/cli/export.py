@@ -122,11 +122,17 @@ def _refuse_with_into(output, *build_options) -> None:
               help="PEFT adapter for --parity where the recorded source moved.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def verify_command(bundle, parity, model, adapters, as_json) -> None:
-    """Check every file of a bundle against its manifest, and optionally its fidelity."""
+    """Check every file of a bundle (or model package) against its manifest, and optionally its fidelity."""
     from slmops.bundle import BundleError, check_files, read_manifest
+    from slmops.package import check_package, is_package
 
-    manifest = read_manifest(bundle)
-    files = check_files(bundle, manifest)
+    if is_package(bundle):
+        if parity:
+            raise BundleError("--parity runs on a bundle; pass one of the bundles this package was built from")
+        manifest, files = check_package(bundle)
+    else:
+        manifest = read_manifest(bundle)
+        files = check_files(bundle, manifest)
     problems = [f"{kind} {name}" for kind, names in (("changed:", files.changed), ("missing:", files.missing),
                                                      ("not in the manifest:", files.unlisted)) for name in names]
     out = {"bundle": str(bundle), "files_checked": files.checked, "file_problems": problems}

@@ -27,6 +27,11 @@ def _sampling(max_new_tokens, temperature, top_p, top_k, seed):
     return Sampling(max_new_tokens, temperature, top_p, top_k, seed)
 
 
+def variant_option(f):
+    return click.option("--variant", default=None, help="For a model package: the variant to run (default: the "
+                        "first whose device this machine has, GPU/NPU before CPU).")(f)
+
+
 @click.command("generate")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("-a", "--adapter", default=None, help="Adapter name from the bundle (default: the base model).")
@@ -36,15 +41,16 @@ def _sampling(max_new_tokens, temperature, top_p, top_k, seed):
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
 @click.option("--stream/--no-stream", default=True, help="Print tokens as they come.")
 @click.option("--json", "as_json", is_flag=True, help="Print the completion and its counts as JSON.")
+@variant_option
 @sampling_options
-def generate_command(bundle, adapter, merged, prompt, system, raw, stream, as_json, **sampling) -> None:
+def generate_command(bundle, adapter, merged, prompt, system, raw, stream, as_json, variant, **sampling) -> None:
     """Generate a reply from a bundle (base model, one adapter, or a merged variant)."""
     from slmops.errors import RunError
     from slmops.runtime import Completion, Runtime
 
     if adapter and merged:
         raise RunError("--adapter and --merged conflict: a merged variant has its adapter built in; pass one")
-    rt = Runtime(bundle, merged=merged)
+    rt = Runtime(bundle, merged=merged, variant=variant)
     if adapter:
         rt.load_adapter(adapter)  # an unknown name fails before any work
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -73,13 +79,14 @@ def generate_command(bundle, adapter, merged, prompt, system, raw, stream, as_js
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("-a", "--adapter", default=None, help="Adapter to start with (default: the base model).")
 @click.option("--system", default=None, help="A system message.")
+@variant_option
 @sampling_options
-def chat_command(bundle, adapter, system, **sampling) -> None:
+def chat_command(bundle, adapter, system, variant, **sampling) -> None:
     """Talk to a bundle. /adapter NAME switches adapter (/adapter base for none), /reset, /quit."""
     from slmops.errors import SlmopsError
     from slmops.runtime import Runtime
 
-    rt = Runtime(bundle)
+    rt = Runtime(bundle, variant=variant)
     if adapter:
         rt.load_adapter(adapter)
     options = _sampling(**sampling)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from slmops.cli.generate import variant_option
+
 
 @click.command("serve")
 @click.argument("bundle", type=click.Path(path_type=Path))
@@ -16,7 +18,8 @@ import click
 @click.option("--max-queue", type=click.IntRange(0), default=64, show_default=True,
               help="Requests that may wait; beyond that, 503.")
 @click.option("--max-tokens-limit", type=click.IntRange(1), default=2048, show_default=True)
-def serve_command(bundle, host, port, api_key, workers, max_queue, max_tokens_limit) -> None:
+@variant_option
+def serve_command(bundle, host, port, api_key, workers, max_queue, max_tokens_limit, variant) -> None:
     """Serve a bundle over HTTP with the OpenAI API: base and adapters are models."""
     import uvicorn
 
@@ -25,6 +28,6 @@ def serve_command(bundle, host, port, api_key, workers, max_queue, max_tokens_li
 
     go_offline(olive=False)
     app = create_app(bundle, ServeOptions(api_key=api_key, workers=workers, max_queue=max_queue,
-                                          max_tokens_limit=max_tokens_limit))
+                                          max_tokens_limit=max_tokens_limit, variant=variant))
     click.echo(f"serving {bundle} on http://{host}:{port}/v1 (models: GET /v1/models)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
