@@ -24,6 +24,14 @@ CHAT_TEMPLATE = (
 )
 
 
+@pytest.fixture(autouse=True)
+def runs_index(tmp_path_factory, monkeypatch) -> Path:
+    """Each test's runs index in its own folder, never ./runs of the checkout."""
+    folder = tmp_path_factory.mktemp("runs")
+    monkeypatch.setenv("SLMOPS_RUNS_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "h4rmony_alpaca.jsonl").is_file():

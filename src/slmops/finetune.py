@@ -7,6 +7,7 @@ run that is interrupted after its first checkpoint leaves that folder, and `--re
     olive_config.json   the exact Olive workflow config that ran
     training_log.jsonl  one line per logged step (loss, learning rate, ...)
     run.json            summary: steps, losses, time, model, data hashes, versions
+    tensorboard/<stage> TensorBoard event files (with --report-to tensorboard)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from slmops.errors import RunError, disk_full
 from slmops.models import ResolvedModel, model_fingerprint, resolve_model
 from slmops.olive_config import SFT_PASS, Sources, package_config, render_finetune, validate_with_olive
 from slmops.recipe import BNB_OPTIMIZERS, Recipe, recipe_to_yaml
+from slmops.tracking import check_trackers, keep_tensorboard_logs, tracker_environment
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +135,8 @@ def latest_run(recipe_name: str) -> Path:
 
 def interrupted_run(recipe_name: str) -> Path:
     """The output folder of the recipe's newest interrupted run under outputs/ (what --resume without -o continues)."""
-    partials = sorted(p for p in Path("outputs").glob(f"{PARTIAL_PREFIX}{recipe_name}-*") if (p / "recipe.yaml").is_file())
+    partials = sorted(p for p in Path("outputs").glob(f"{PARTIAL_PREFIX}{recipe_name}-*") if (p / "recipe.yaml").is_file()
+                      and not (p / "sweep.json").is_file())  # a sweep of the recipe: `slmops sweep --resume`
     if not partials:
         raise RunError(f"nothing to resume: no interrupted run of recipe {recipe_name} under outputs/; "
                        "run without --resume, or pass -o with the interrupted run's output folder")
@@ -147,6 +150,7 @@ def finetune(recipe: Recipe, output_dir: Path, dry_run: bool = False, resume: bo
     and data must be the same; their hashes are compared, as Olive's cache would not notice).
     """
     p = plan(recipe)
+    check_trackers(recipe.training.report_to)
     with resumable_dir(output_dir, resume, keep=_has_checkpoint) as tmp:
         work = tmp / "work"
         config = render_finetune(recipe, str(p.model.path), p.sources, work_dir=str(work))
@@ -206,7 +210,8 @@ def _train(p: Plan, config: dict, tmp: Path, result: FinetuneResult) -> None:
     import slmops.olive_data  # noqa: F401 - registers slmops' data components with Olive
 
     start = time.monotonic()
-    with library_output_to_stderr() as olive_errors, olive_cwd(tmp / "work" / "cwd"):
+    trackers = tracker_environment(p.recipe.training.report_to, p.recipe.name or "slmops")
+    with trackers, library_output_to_stderr() as olive_errors, olive_cwd(tmp / "work" / "cwd"):
         seed_lora_init(config)
         if p.recipe.distributed.num_processes > 1:
             from slmops import distributed
@@ -224,6 +229,7 @@ def _train(p: Plan, config: dict, tmp: Path, result: FinetuneResult) -> None:
         log = [dict(entry, stage=stage) for entry in _loss_log(_checkpoints(config, stage))]
         result.log += log
         result.stages[stage] = summarise(log)
+        keep_tensorboard_logs(_checkpoints(config, stage), tmp / "tensorboard" / stage)
     with open(tmp / "training_log.jsonl", "w") as fh:
         for entry in result.log:
             fh.write(json.dumps(entry) + "\n")

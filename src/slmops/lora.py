@@ -56,6 +56,10 @@ def load_adapter(name: str, path: Path) -> Adapter:
     """Read an adapter folder, or an `slmops finetune` output folder (its adapter/ and run.json)."""
     path = Path(path).expanduser()
     run = None
+    if (path / "sweep.json").is_file():  # an `slmops sweep` folder: its best trial
+        from slmops.sweep import best_trial_folder
+
+        path = best_trial_folder(path)
     if (path / "adapter" / "adapter_config.json").is_file():
         if (path / "run.json").is_file():
             run = json.loads((path / "run.json").read_text())

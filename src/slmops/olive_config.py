@@ -172,6 +172,8 @@ def _dpo_pass(recipe: Recipe, has_eval: bool, work_dir: str) -> dict:
         "seed": recipe.training.seed,
         "extra_args": dict(dpo.extra),
     }
+    if recipe.training.report_to:
+        config["report_to"] = list(recipe.training.report_to)
     if has_eval:
         config["eval_data_config"] = "dpo_eval_data"
     return config
@@ -226,7 +228,7 @@ def _training_args(recipe: Recipe, has_eval: bool, work_dir: str) -> dict:
         "logging_steps": t.logging_steps,
         "seed": t.seed,
         "data_seed": t.seed,
-        "report_to": "none",
+        "report_to": list(t.report_to) or "none",
         "save_total_limit": 1,
         "remove_unused_columns": False,
         **save,

@@ -185,6 +185,8 @@ class TrainingSection(Section):
     optimizer: Optional[Optimizer] = Field(
         None, description="Optimizer; default adamw_torch for lora, paged_adamw_32bit for qlora (Olive's QLoRA default).")
     logging_steps: int = Field(1, ge=1, description="Log the loss every N steps.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Experiment trackers the trainers log to (opt-in; none by default).")
     save_steps: Optional[int] = Field(None, ge=1, description="Checkpoint every N steps (default: at the end).")
     seed: int = Field(42, ge=0)
 
@@ -232,6 +234,72 @@ class ExportSection(Section):
         None, description="Modules that get LoRA inputs in the graph (default: those the adapters train).")
 
 
+# Recipe keys a sweep may vary, and the type of their values.
+SEARCHABLE: dict[str, type] = {
+    "training.learning_rate": float, "training.batch_size": int, "training.gradient_accumulation_steps": int,
+    "training.warmup_ratio": float, "training.weight_decay": float, "training.lr_scheduler": str,
+    "lora.r": int, "lora.alpha": float, "lora.dropout": float,
+    "dpo.beta": float, "dpo.learning_rate": float, "dpo.batch_size": int,
+}
+Objective = Literal["eval_loss", "preference_accuracy"]
+
+
+class SearchRange(Section):
+    """A numeric range, tried at `steps` evenly spaced points (log-spaced with log: true)."""
+
+    min: float
+    max: float
+    steps: int = Field(3, ge=2, le=50, description="Points tried in the range, ends included.")
+    log: bool = Field(False, description="Space the points evenly on a log scale (learning rates).")
+
+    @model_validator(mode="after")
+    def _check_bounds(self):
+        if self.min >= self.max:
+            raise ValueError("min must be below max")
+        if self.log and self.min <= 0:
+            raise ValueError("a log range needs min > 0")
+        return self
+
+    def points(self, kind: type) -> list:
+        import math
+
+        lo, hi = (math.log(self.min), math.log(self.max)) if self.log else (self.min, self.max)
+        values = [lo + (hi - lo) * i / (self.steps - 1) for i in range(self.steps)]
+        values = [math.exp(v) if self.log else v for v in values]
+        return sorted({int(round(v)) for v in values}) if kind is int else [float(f"{v:.6g}") for v in values]
+
+
+class SearchSection(Section):
+    """Hyper-parameter search for `slmops sweep`, run by Olive's search strategy and samplers."""
+
+    sampler: Literal["random", "grid", "tpe"] = Field(
+        "tpe", description="tpe: Olive's optuna TPE sampler; random; grid: every point in order.")
+    trials: int = Field(8, ge=1, le=10000, description="Trials to run (`slmops sweep --trials` overrides).")
+    objective: Optional[Objective] = Field(
+        None, description="Metric to optimise on held-out data: eval_loss (lower is better) or "
+        "preference_accuracy (DPO reward accuracy, higher is better); default: preference_accuracy with dpo.")
+    seed: int = Field(0, ge=0, description="Seed of the sampler.")
+    space: dict[str, Union[list[Union[int, float, str]], SearchRange]] = Field(
+        min_length=1, description="Recipe key -> values to try (a list) or a range {min, max, steps, log}.")
+
+    @field_validator("space")
+    @classmethod
+    def _check_space(cls, space):
+        for key, values in space.items():
+            if key not in SEARCHABLE:
+                raise ValueError(f"{key} cannot be searched; searchable keys: {', '.join(SEARCHABLE)}")
+            if isinstance(values, list) and not values:
+                raise ValueError(f"{key}: give at least one value")
+            if isinstance(values, SearchRange) and SEARCHABLE[key] is str:
+                raise ValueError(f"{key}: a range needs a numeric key; list the values instead")
+        return space
+
+    def choices(self) -> dict[str, list]:
+        """Every searched key with the values to try."""
+        return {key: values.points(SEARCHABLE[key]) if isinstance(values, SearchRange) else list(values)
+                for key, values in self.space.items()}
+
+
 class Recipe(Section):
     name: Optional[str] = Field(None, description="Recipe name; defaults to the file name.")
     description: Optional[str] = None
@@ -245,6 +313,7 @@ class Recipe(Section):
     export: ExportSection = Field(default_factory=ExportSection, description="How `slmops export` builds the bundle.")
     distributed: DistributedSection = Field(default_factory=DistributedSection, description="Multi-process training.")
     system: SystemSection = Field(default_factory=SystemSection, description="The Olive system the workflow runs on.")
+    search: Optional[SearchSection] = Field(None, description="Hyper-parameter search for `slmops sweep`.")
 
     @model_validator(mode="after")
     def _check_stages(self):
@@ -252,10 +321,29 @@ class Recipe(Section):
             raise ValueError("nothing to train: add a `data` section (SFT) and/or a `dpo` section (preference tuning)")
         if self.method == "qlora" and self.model.load_in_8bit:
             raise ValueError("method qlora loads the base in 4 bits; drop model.load_in_8bit, or use method: lora")
+        if self.search is not None:
+            self._check_search(self.search)
         if self.distributed.num_processes > 1 and self.system.type != "LocalSystem":
             raise ValueError("distributed training runs on this machine; drop the `system` section or set "
                              "distributed.num_processes: 1")
         return self
+
+    def _check_search(self, search: SearchSection) -> None:
+        for key in search.space:
+            if key.startswith("dpo.") and self.dpo is None:
+                raise ValueError(f"search.space: {key} needs a `dpo` section")
+            if key.startswith("training.") and self.data is None:
+                raise ValueError(f"search.space: {key} sets SFT training, and this recipe has no `data` (SFT) "
+                                 "section; search dpo.* keys instead")
+        if search.objective == "preference_accuracy" and self.dpo is None:
+            raise ValueError("search.objective preference_accuracy needs a `dpo` section; use eval_loss")
+
+    @property
+    def objective(self) -> Optional[str]:
+        """The metric a sweep optimises: the recipe's, else preference accuracy with DPO, else eval loss."""
+        if self.search is None:
+            return None
+        return self.search.objective or ("preference_accuracy" if self.dpo else "eval_loss")
 
     @property
     def optimizer(self) -> str:

@@ -52,9 +52,11 @@ def cli(verbose: bool) -> None:
 
 def _register() -> None:
     from slmops.cli import eval as eval_cli
-    from slmops.cli import bench, doctor, export, finetune, generate, package, recipes, serve
+    from slmops.cli import bench, doctor, export, finetune, generate, package, recipes, serve, sweep
 
     cli.add_command(finetune.finetune_command)
+    cli.add_command(sweep.sweep_command)
+    cli.add_command(sweep.runs_group)
     cli.add_command(export.export_command)
     cli.add_command(export.verify_command)
     cli.add_command(package.package_command)

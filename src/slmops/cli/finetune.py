@@ -9,6 +9,12 @@ from pathlib import Path
 import click
 
 
+def report_to_option(f):
+    return click.option("--report-to", "report_to", multiple=True, type=click.Choice(["tensorboard", "wandb", "mlflow"]),
+                        help="Log training to an experiment tracker (repeatable; overrides training.report_to). "
+                             "Off by default.")(f)
+
+
 @click.command("finetune")
 @click.option("-r", "--recipe", required=True, help="Recipe YAML path or shipped recipe name.")
 @click.option("-m", "--model", default=None, help="Model: alias, local HF folder or hub id (overrides model.name).")
@@ -22,13 +28,15 @@ import click
                    "the run for -o, else the recipe's newest under outputs/.")
 @click.option("--num-processes", type=click.IntRange(1, 1024), default=None,
               help="Train in N data-parallel processes under accelerate (overrides distributed.num_processes).")
+@report_to_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def finetune_command(recipe, model, data, output, sets, dry_run, resume, num_processes, as_json) -> None:
+def finetune_command(recipe, model, data, output, sets, dry_run, resume, num_processes, report_to, as_json) -> None:
     """Fine-tune a model (LoRA / QLoRA SFT, DPO) through Olive; writes a PEFT adapter."""
     from slmops.recipe import load_recipe
     from slmops.privacy import prepare_environment
 
-    r = load_recipe(recipe, flags={"model.name": model, "distributed.num_processes": num_processes, **_data_flags(data)}, sets=list(sets))
+    r = load_recipe(recipe, flags={"model.name": model, "distributed.num_processes": num_processes,
+                                   "training.report_to": list(report_to) or None, **_data_flags(data)}, sets=list(sets))
     prepare_environment(r)
     from slmops.errors import RunError
     from slmops.finetune import default_output, finetune, interrupted_run
@@ -38,7 +46,14 @@ def finetune_command(recipe, model, data, output, sets, dry_run, resume, num_pro
     if resume and output is None:
         output = interrupted_run(r.name)
     output = output or default_output(r.name)
-    result = finetune(r, output, dry_run=dry_run, resume=resume)
+    if dry_run:
+        result = finetune(r, output, dry_run=True)
+    else:
+        from slmops import runs
+
+        with runs.track("finetune", r.name, output, **runs.finetune_fields(r)) as record:
+            result = finetune(r, output, resume=resume)
+            runs.add_finetune_result(record, result)
     if as_json:
         click.echo(json.dumps({k: v for k, v in asdict(result).items() if k != "log"}, indent=2))
     else:

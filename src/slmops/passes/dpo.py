@@ -66,6 +66,8 @@ class DPO(Pass):
             "output_dir": p(type_=str, default_value=None, description="Checkpoints folder (default: temporary)."),
             "seed": p(type_=int, default_value=42, description="Random seed."),
             "extra_args": p(type_=dict, default_value=None, description="Extra DPOConfig keys, passed through."),
+            "report_to": p(type_=list[str], default_value=None,
+                           description="Experiment trackers (tensorboard, wandb, mlflow); none by default."),
         }
 
     def _run_for_config(
@@ -184,7 +186,7 @@ class DPO(Pass):
             "save_total_limit": 1,
             "seed": config.seed,
             "data_seed": config.seed,
-            "report_to": "none",
+            "report_to": list(config.report_to or []) or "none",
             # On CPU, DPOConfig refuses bf16 unless use_cpu=True; then it is CPU autocast.
             "use_cpu": not on_gpu,
             "bf16": mixed == "bf16",

@@ -1,0 +1,271 @@
+"""`slmops sweep`: hyper-parameter search over a recipe, driven by Olive's search strategy.
+
+Olive's SearchStrategy and its samplers (random, sequential for grid, tpe on optuna) propose each
+trial's values from the recipe's `search.space`. A trial is an ordinary slmops fine-tune of the
+recipe with those values set: its own Olive workflow, config on disk, adapter and loss log. Its
+objective, read from the trainers' evaluation on the held-out rows, goes back to the strategy.
+Every trial keeps the recipe's seed, so trials differ only in the searched values.
+
+Output folder (built in `.slmops-partial-<name>` next to it, renamed into place when the sweep ends):
+    sweep.json     space, sampler, objective, every trial (values, objective, metrics, status), the best
+    recipe.yaml    the resolved recipe
+    trials/NNN/    each trial's fine-tune output (adapter/, olive_config.json, run.json, ...)
+
+`--resume` replays the strategy with the same seed: trials that finished are read back and fed to
+the sampler again, not rerun; a trial cut off mid-way continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+from slmops import runs
+from slmops.atomic import resumable_dir, resume_folder
+from slmops.errors import RunError
+from slmops.recipe import Recipe, apply_override, build_recipe, recipe_to_yaml
+
+SWEEP = "sweep.json"
+_SAMPLERS = {"random": "random", "grid": "sequential", "tpe": "tpe"}  # recipe name -> Olive sampler
+_HIGHER_IS_BETTER = {"eval_loss": False, "preference_accuracy": True}
+
+
+@dataclass
+class Trial:
+    number: int
+    params: dict
+    status: str = "pending"  # done, failed
+    objective: Optional[float] = None
+    metrics: dict = field(default_factory=dict)
+    folder: str = ""
+    seconds: Optional[float] = None
+    error: Optional[str] = None
+    run_id: Optional[str] = None
+
+
+@dataclass
+class SweepResult:
+    output_dir: str
+    objective: str
+    higher_is_better: bool
+    trials: list[Trial]
+    best: Optional[Trial]
+    reused: int = 0  # trials read back on --resume instead of run
+
+
+def trial_recipe(recipe: Recipe, params: dict) -> Recipe:
+    """The recipe with one trial's values set (validated like --set overrides)."""
+    raw = recipe.model_dump(mode="json", exclude={"search"})
+    for key, value in params.items():
+        apply_override(raw, key.split("."), value)
+    trial = build_recipe(raw, f"{recipe.name} (trial values {params})")
+    trial.name = recipe.name
+    return trial
+
+
+def objective_of(objective: str, recipe: Recipe, result) -> Optional[float]:
+    """The searched metric from a fine-tune's last held-out evaluation; None when it is missing or not finite."""
+    stage = result.stages.get(recipe.stages[-1])
+    if stage is None:
+        return None
+    value = stage.eval_metrics.get("rewards/accuracies") if objective == "preference_accuracy" else stage.eval_loss
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def check_sweepable(recipe: Recipe) -> None:
+    """A sweep needs a search space and held-out rows for its objective: refuse before any training."""
+    from slmops.finetune import plan
+
+    if recipe.search is None:
+        raise RunError(f"recipe {recipe.name} has no `search` section; add one (search: {{space: {{lora.r: [8, 16]}}}}) "
+                       "to sweep it")
+    counts = plan(recipe).counts
+    stage = recipe.stages[-1]
+    if counts[stage][1] == 0:
+        where = "dpo.data" if stage == "dpo" else "data"
+        raise RunError(f"the sweep's objective {recipe.objective} is measured on held-out {stage} rows and this recipe "
+                       f"has none; set {where}.eval_split (e.g. 0.1) or {where}.eval_file")
+
+
+def sweep(recipe: Recipe, output_dir: Path, trials: Optional[int] = None, resume: bool = False,
+          progress=None) -> SweepResult:
+    """Run the sweep (or continue it with resume) and return every trial and the best."""
+    check_sweepable(recipe)
+    n_trials = trials or recipe.search.trials
+    objective, higher = recipe.objective, _HIGHER_IS_BETTER[recipe.objective]
+    output_dir = Path(output_dir).absolute()
+    with resumable_dir(output_dir, resume, keep=_worth_resuming) as tmp, \
+            runs.track("sweep", recipe.name, output_dir, recipe=recipe.name, objective=objective,
+                       sampler=recipe.search.sampler, space=recipe.search.choices(), trials=n_trials) as record:
+        done = _previous_trials(tmp, recipe) if resume else {}
+        (tmp / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        result = SweepResult(str(output_dir), objective, higher, [], None)
+        _write_sweep(tmp, recipe, n_trials, result)
+        for number, params in _proposals(recipe, n_trials, result):
+            trial = done.get(number)
+            if trial is not None and trial.status == "done":
+                if trial.params != params:
+                    raise RunError(f"--resume: trial {number} now gets {params}, the interrupted sweep ran {trial.params}; "
+                                   f"resume with the same search space and seed, or delete {tmp} to start over")
+                result.reused += 1
+            else:
+                trial = _run_trial(recipe, number, params, tmp, record["id"], progress)
+            result.trials.append(trial)
+            _write_sweep(tmp, recipe, n_trials, result)
+        result.best = _best(result.trials, higher)
+        if result.best is None:
+            raise RunError(f"no trial of the sweep finished with a {objective} ({len(result.trials)} failed; first: "
+                           f"{result.trials[0].error if result.trials else 'none ran'}); fix the recipe and run again")
+        _write_sweep(tmp, recipe, n_trials, result)
+        record.update(best={"trial": result.best.number, "params": result.best.params,
+                            objective: result.best.objective,
+                            "adapter": str(output_dir / result.best.folder / "adapter")},
+                      finished_trials=sum(t.status == "done" for t in result.trials))
+    return result
+
+
+def _proposals(recipe: Recipe, n_trials: int, result: SweepResult) -> Iterator[tuple[int, dict]]:
+    """Olive's search strategy over the space; each trial's objective is fed back before the next proposal."""
+    from olive.evaluator.metric_result import MetricResult, SubMetricResult
+    from olive.search.search_parameter import Categorical
+    from olive.search.search_strategy import SearchStrategy
+
+    search, objective = recipe.search, recipe.objective
+    higher = _HIGHER_IS_BETTER[objective]
+    config = {"max_samples": n_trials, **({} if search.sampler == "grid" else {"seed": search.seed})}
+    strategy = SearchStrategy({"execution_order": "joint", "sampler": _SAMPLERS[search.sampler],
+                               "sampler_config": config})
+    space = {key: Categorical(values) for key, values in search.choices().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna: "group is an experimental feature"
+        strategy.initialize({"finetune": [space]}, "base",
+                            {"finetune": {objective: {"higher_is_better": higher, "goal": None, "priority": 1}}})
+        for number, sample in enumerate(strategy):
+            params = dict(sample.passes_configs["finetune"]["params"])
+            yield number, params
+            value = result.trials[-1].objective
+            if value is None:  # a failed trial: the worst value, so the sampler moves away from it
+                value = -1e9 if higher else 1e9
+            signal = MetricResult({objective: SubMetricResult(value=value, priority=1, higher_is_better=higher)})
+            strategy.record_feedback_signal(sample.search_point.index, signal, ["base"])
+
+
+def _run_trial(recipe: Recipe, number: int, params: dict, sweep_dir: Path, sweep_id: str, progress) -> Trial:
+    from slmops.finetune import _has_checkpoint, finetune
+
+    folder = Path("trials") / f"{number:03d}"
+    out = sweep_dir / folder
+    trial = Trial(number, params, folder=str(folder))
+    partial = resume_folder(out)
+    resume = partial.exists() and _has_checkpoint(partial)
+    if partial.exists() and not resume:
+        shutil.rmtree(partial)  # cut off before its first checkpoint: start it again
+    shutil.rmtree(out, ignore_errors=True)  # finished but not recorded in sweep.json: run it again
+    if progress:
+        progress(f"trial {number}: {_params_text(params)}" + (" (resuming)" if resume else ""))
+    start = time.monotonic()
+    r = trial_recipe(recipe, params)
+    try:
+        final = Path(final_folder(sweep_dir)) / folder  # where the trial lives once the sweep is complete
+        with runs.track("trial", recipe.name, final, **runs.finetune_fields(r), sweep=sweep_id, trial=number,
+                        params=params) as record:
+            trial.run_id = record["id"]
+            result = finetune(r, out, resume=resume)
+            runs.add_finetune_result(record, result)
+            trial.objective = objective_of(recipe.objective, r, result)
+            record["objective"] = {"name": recipe.objective, "value": trial.objective}
+            trial.metrics = record["metrics"]
+    except RunError as exc:  # this trial's values failed (e.g. out of memory at a large batch): go on
+        trial.status, trial.error = "failed", str(exc)
+    else:
+        trial.status = "done" if trial.objective is not None else "failed"
+        trial.error = None if trial.objective is not None else f"no finite {recipe.objective} at the end of training"
+    trial.seconds = round(time.monotonic() - start, 1)
+    if progress:
+        shown = f"{trial.objective:.4f}" if trial.objective is not None else trial.error
+        progress(f"trial {number}: {recipe.objective} {shown}")
+    return trial
+
+
+def final_folder(sweep_dir: Path) -> Path:
+    """The final folder of a sweep that is being built in its partial folder."""
+    from slmops.atomic import PARTIAL_PREFIX
+
+    name = sweep_dir.name
+    return sweep_dir.parent / name[len(PARTIAL_PREFIX):] if name.startswith(PARTIAL_PREFIX) else sweep_dir
+
+
+def _params_text(params: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+def _best(trials: list[Trial], higher: bool) -> Optional[Trial]:
+    finished = [t for t in trials if t.status == "done"]
+    if not finished:
+        return None
+    # ties go to the earlier trial
+    return (max if higher else min)(finished, key=lambda t: (t.objective, -t.number if higher else t.number))
+
+
+def _write_sweep(folder: Path, recipe: Recipe, n_trials: int, result: SweepResult) -> None:
+    best = result.best
+    body = {
+        "recipe": recipe.name,
+        "sampler": recipe.search.sampler,
+        "seed": recipe.search.seed,
+        "objective": result.objective,
+        "higher_is_better": result.higher_is_better,
+        "trials_requested": n_trials,
+        "space": recipe.search.choices(),
+        "trials": [asdict(t) for t in result.trials],
+        "best": None if best is None else {"trial": best.number, "params": best.params, "objective": best.objective,
+                                           "folder": best.folder},
+    }
+    tmp = folder / f".{SWEEP}.partial"
+    tmp.write_text(json.dumps(body, indent=2) + "\n")
+    tmp.replace(folder / SWEEP)
+
+
+def _worth_resuming(partial: Path) -> bool:
+    """Keep an interrupted sweep that has a finished trial, or a trial with a checkpoint to continue from."""
+    if any(partial.glob("trials/.slmops-partial-*/work/*/checkpoint-*/trainer_state.json")):
+        return True
+    try:
+        return any(t["status"] == "done" for t in json.loads((partial / SWEEP).read_text())["trials"])
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _previous_trials(partial: Path, recipe: Recipe) -> dict[int, Trial]:
+    """The finished trials of the interrupted sweep in `partial` (same recipe, searched keys aside)."""
+    path = partial / SWEEP
+    if not path.is_file():
+        return {}
+    before = (partial / "recipe.yaml").read_text() if (partial / "recipe.yaml").is_file() else None
+    if before is not None and _without_trials(before) != _without_trials(recipe_to_yaml(recipe)):
+        raise RunError(f"--resume: the recipe changed since the interrupted sweep; resume with the same recipe and "
+                       f"flags (only --trials may change), or delete {partial} to start over")
+    trials = [Trial(**t) for t in json.loads(path.read_text())["trials"]]
+    return {t.number: t for t in trials if (partial / t.folder / "run.json").is_file()}
+
+
+def _without_trials(recipe_yaml: str) -> dict:
+    import yaml
+
+    raw = yaml.safe_load(recipe_yaml)
+    raw.get("search", {}).pop("trials", None)
+    return raw
+
+
+def best_trial_folder(sweep_dir: Path) -> Path:
+    """The fine-tune output of a sweep's best trial (what `export -a NAME=SWEEP` takes)."""
+    body = json.loads((Path(sweep_dir) / SWEEP).read_text())
+    if not body.get("best"):
+        raise RunError(f"sweep {sweep_dir} has no finished trial to take; finish it with `slmops sweep --resume`")
+    return Path(sweep_dir) / body["best"]["folder"]
