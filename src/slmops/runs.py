@@ -88,29 +88,31 @@ def add_finetune_result(record: dict, result) -> None:
     )
     if result.log:
         plot = runs_dir().absolute() / record["id"] / PLOT
-        plot_losses(result.log, plot, title=f"{record['name']} ({record['id']})")
+        plot_losses({"": result.log}, plot, title=f"{record['name']} ({record['id']})")
         record["outputs"]["loss_plot"] = str(plot)
 
 
-def plot_losses(log: list[dict], path: Path, title: str) -> None:
-    """Train loss per step (a line) and eval loss (points) for each stage, one panel per stage."""
+def plot_losses(logs: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Train loss per step (lines) and eval loss (points) of each labelled log, one panel per stage."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = list(dict.fromkeys(e.get("stage", "train") for e in log))
-    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.6), squeeze=False)
+    stages = list(dict.fromkeys(e.get("stage", "train") for log in logs.values() for e in log))
+    fig, axes = plt.subplots(1, len(stages), figsize=(5.5 * len(stages), 4), squeeze=False)
     for ax, stage in zip(axes[0], stages):
-        entries = [e for e in log if e.get("stage", "train") == stage]
-        train = [(e.get("step", i), e["loss"]) for i, e in enumerate(entries) if "loss" in e]
-        evals = [(e.get("step", i), e["eval_loss"]) for i, e in enumerate(entries) if "eval_loss" in e]
-        if train:
-            ax.plot(*zip(*train), label="train loss")
-        if evals:
-            ax.plot(*zip(*evals), "o--", label="eval loss")
+        for n, (label, log) in enumerate(logs.items()):
+            entries = [e for e in log if e.get("stage", "train") == stage]
+            train = [(e.get("step", i), e["loss"]) for i, e in enumerate(entries) if "loss" in e]
+            evals = [(e.get("step", i), e["eval_loss"]) for i, e in enumerate(entries) if "eval_loss" in e]
+            color = f"C{n % 10}"
+            if train:
+                ax.plot(*zip(*train), color=color, label=f"{label} train".strip())
+            if evals:
+                ax.plot(*zip(*evals), "o--", color=color, label=f"{label} eval".strip())
         ax.set(title=stage, xlabel="step", ylabel="loss")
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ Every trial keeps the recipe's seed, so trials differ only in the searched value
 Output folder (built in `.slmops-partial-<name>` next to it, renamed into place when the sweep ends):
     sweep.json     space, sampler, objective, every trial (values, objective, metrics, status), the best
     recipe.yaml    the resolved recipe
+    trials.png     every trial's train and eval loss
     trials/NNN/    each trial's fine-tune output (adapter/, olive_config.json, run.json, ...)
 
 `--resume` replays the strategy with the same seed: trials that finished are read back and fed to
@@ -123,6 +124,7 @@ def sweep(recipe: Recipe, output_dir: Path, trials: Optional[int] = None, resume
             raise RunError(f"no trial of the sweep finished with a {objective} ({len(result.trials)} failed; first: "
                            f"{result.trials[0].error if result.trials else 'none ran'}); fix the recipe and run again")
         _write_sweep(tmp, recipe, n_trials, result)
+        _plot_trials(tmp, result, runs.runs_dir().absolute() / record["id"] / runs.PLOT, record)
         record.update(best={"trial": result.best.number, "params": result.best.params,
                             objective: result.best.objective,
                             "adapter": str(output_dir / result.best.folder / "adapter")},
@@ -199,6 +201,19 @@ def final_folder(sweep_dir: Path) -> Path:
 
     name = sweep_dir.name
     return sweep_dir.parent / name[len(PARTIAL_PREFIX):] if name.startswith(PARTIAL_PREFIX) else sweep_dir
+
+
+def _plot_trials(sweep_dir: Path, result: SweepResult, path: Path, record: dict) -> None:
+    """Every trial's loss curves in one PNG (in the runs index and the sweep folder)."""
+    logs = {}
+    for t in result.trials:
+        log_file = sweep_dir / t.folder / "training_log.jsonl"
+        if t.status == "done" and log_file.is_file():
+            logs[f"{t.number}: {_params_text(t.params)}"] = [json.loads(x) for x in log_file.read_text().splitlines()]
+    if logs:
+        runs.plot_losses(logs, path, title=f"sweep {record['name']}: {result.objective} per trial")
+        shutil.copy2(path, sweep_dir / "trials.png")
+        record["outputs"] = {"loss_plot": str(path), "sweep": record["output"]}
 
 
 def _params_text(params: dict) -> str:
