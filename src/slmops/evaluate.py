@@ -158,11 +158,19 @@ def _features(pairs: list[dict], tokenizer, max_length: int) -> list[dict]:
 
 def _score(model, features: list[dict], *, tokenizer, batch_size: int, progress: bool, label: str,
            dtype: str = "float32") -> PairScores:
+    sequences = [f[side] for f in features for side in ("chosen", "rejected")]
+    totals, counts = score_sequences(model, sequences, tokenizer=tokenizer, batch_size=batch_size,
+                                     progress=progress, label=label, dtype=dtype)
+    return PairScores(totals[0::2], totals[1::2], counts[0::2], counts[1::2])
+
+
+def score_sequences(model, sequences: list[tuple[list[int], list[int]]], *, tokenizer, batch_size: int,
+                    progress: bool, label: str, dtype: str = "float32") -> tuple[list[float], list[int]]:
+    """Summed log p of the labelled tokens, and their count, for each (input ids, labels) sequence."""
     import torch
     from tqdm import tqdm
 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    sequences = [f[side] for f in features for side in ("chosen", "rejected")]
     totals, counts = [], []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = range(0, len(sequences), batch_size)
@@ -179,7 +187,7 @@ def _score(model, features: list[dict], *, tokenizer, batch_size: int, progress:
         logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         totals += (logps * keep).sum(-1).tolist()
         counts += keep.sum(-1).tolist()
-    return PairScores(totals[0::2], totals[1::2], counts[0::2], counts[1::2])
+    return totals, counts
 
 
 def recipe_pairs(recipe, split: str = "eval") -> list[dict]:

@@ -52,7 +52,7 @@ def cli(verbose: bool) -> None:
 
 def _register() -> None:
     from slmops.cli import eval as eval_cli
-    from slmops.cli import bench, doctor, export, finetune, generate, package, recipes, serve, sweep
+    from slmops.cli import bench, compare, doctor, export, finetune, generate, package, recipes, serve, sweep
 
     cli.add_command(finetune.finetune_command)
     cli.add_command(sweep.sweep_command)
@@ -65,6 +65,7 @@ def _register() -> None:
     cli.add_command(bench.bench_command)
     cli.add_command(serve.serve_command)
     cli.add_command(eval_cli.eval_command)
+    cli.add_command(compare.compare_command)
     cli.add_command(recipes.recipes_group)
     cli.add_command(doctor.doctor_command)
 
