@@ -96,6 +96,17 @@ def _llamacpp() -> Check:
     return Check("llama-cpp-python", "ok", version("llama_cpp_python"))
 
 
+def _trackers() -> Check:
+    """Experiment trackers for --report-to: optional, off unless asked for."""
+    have = {name: importlib.util.find_spec(module) is not None
+            for name, module in (("tensorboard", "tensorboard"), ("wandb", "wandb"), ("mlflow", "mlflow"))}
+    shown = ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in have.items())
+    if not any(have.values()):
+        return Check("experiment trackers", "warn", f"none installed ({shown}): --report-to has nothing to log to",
+                     "pip install 'slmops[tensorboard]' (or wandb / mlflow)")
+    return Check("experiment trackers", "ok", f"{shown} (used only with --report-to)")
+
+
 def _cache() -> Check:
     root = cache_root()
     try:
@@ -158,5 +169,5 @@ def _data() -> Check:
     return Check("data", "ok", f"SLMOPS_DATA_DIR={folder} ({len(files)} files)")
 
 
-CHECKS: tuple[Callable, ...] = (_python, _pins, _runtime, _bitsandbytes, _llamacpp, _cache, _disk, _embedded_model,
+CHECKS: tuple[Callable, ...] = (_python, _pins, _runtime, _bitsandbytes, _llamacpp, _trackers, _cache, _disk, _embedded_model,
                                 _data)
