@@ -101,9 +101,10 @@ def test_trial_values_are_validated_like_overrides(tmp_path, tiny_model):
 
 def test_three_trial_sweep_picks_the_best_trial(tmp_path, tiny_model, shared_data, runs_index):
     out = tmp_path / "sweep"
-    code, msg = run("sweep", "-r", sweep_recipe(tmp_path, tiny_model, "tpe"), "-o", out)
+    code, msg = run("sweep", "-r", sweep_recipe(tmp_path, tiny_model, "tpe"), "-o", out, "--trials", "5")
     assert code == 0, msg
     body = json.loads((out / "sweep.json").read_text())
+    assert body["trials_requested"] == 3  # the space has 3 points
     trials = body["trials"]
     assert [t["status"] for t in trials] == ["done"] * 3
     assert sorted(t["params"]["training.learning_rate"] for t in trials) == [1e-4, 1e-2, 5e-2]  # 3 distinct points
@@ -150,7 +151,7 @@ cli(sys.argv[1:], prog_name="slmops")
 
 
 def test_sweep_killed_mid_way_resumes_without_redoing_trials(tmp_path, tiny_model, shared_data, runs_index):
-    recipe = sweep_recipe(tmp_path, tiny_model, "grid")
+    recipe = sweep_recipe(tmp_path, tiny_model, "tpe")
     out = tmp_path / "sweep"
     crashed = subprocess.run([sys.executable, "-c", CRASH_ON_SECOND_TRIAL, "sweep", "-r", str(recipe), "-o", str(out)],
                              capture_output=True, text=True, timeout=600, env=dict(os.environ))
@@ -168,11 +169,16 @@ def test_sweep_killed_mid_way_resumes_without_redoing_trials(tmp_path, tiny_mode
     assert "3 trials, objective eval_loss (lower is better), 1 read back from the interrupted sweep" in msg
     assert (out / "trials" / "000" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == before
     body = json.loads((out / "sweep.json").read_text())
-    assert [t["params"]["training.learning_rate"] for t in body["trials"]] == [1e-4, 1e-2, 5e-2]  # grid order
     assert [t["objective"] for t in body["trials"]] == [_trial_eval_loss(out, t["folder"]) for t in body["trials"]]
     kinds = [(r["kind"], r.get("trial"), r["status"]) for r in _runs()]
     assert kinds.count(("trial", 0, "done")) == 1  # trial 0 ran once
     assert ("sweep", None, "done") in kinds and ("trial", 2, "done") in kinds
+    # TPE replayed with trial 0's objective proposes what an uninterrupted sweep proposes
+    assert run("sweep", "-r", recipe, "-o", tmp_path / "whole")[0] == 0
+    whole = json.loads((tmp_path / "whole" / "sweep.json").read_text())
+    assert [(t["params"], t["objective"]) for t in body["trials"]] == [(t["params"], t["objective"])
+                                                                       for t in whole["trials"]]
+    assert body["best"] == whole["best"]
 
 
 def test_sweep_refusals(tmp_path, tiny_model, shared_data):
@@ -186,23 +192,74 @@ def test_sweep_refusals(tmp_path, tiny_model, shared_data):
     assert not (tmp_path / "a").exists()
     assert run("sweep", "-r", sweep_recipe(tmp_path, tiny_model), "-o", tmp_path / "b", "--resume")[1].startswith(
         "Error: nothing to resume for")
+    bad = sweep_recipe(tmp_path, tiny_model, extra="    lora.r: [4, 0]\n")
+    code, msg = run("sweep", "-r", bad, "-o", tmp_path / "c")
+    assert code == 2 and "(trial values {'lora.r': 0}): lora.r: Input should be greater than or equal to 1" in msg
+    assert not (tmp_path / "c").exists() and _runs() == []  # refused before anything ran or was indexed
 
 
-def test_resume_refuses_a_changed_recipe(tmp_path, tiny_model, shared_data):
-    from slmops.sweep import _previous_trials, _write_sweep, SweepResult
+def test_resume_without_output_finds_the_newest_interrupted_sweep(tmp_path, monkeypatch):
+    from slmops.finetune import interrupted_run
+    from slmops.sweep import interrupted_sweep
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RunError, match="nothing to resume: no interrupted sweep of recipe r under outputs/"):
+        interrupted_sweep("r")
+    for name, files in ((".slmops-partial-r-sweep-20260101-000000", ["recipe.yaml", "sweep.json"]),
+                        (".slmops-partial-r-sweep-20260102-000000", ["recipe.yaml", "sweep.json"]),
+                        (".slmops-partial-r-20260103-000000", ["recipe.yaml"])):  # a fine-tune of the recipe
+        (tmp_path / "outputs" / name).mkdir(parents=True)
+        for f in files:
+            (tmp_path / "outputs" / name / f).write_text("{}")
+    assert interrupted_sweep("r") == Path("outputs/r-sweep-20260102-000000")
+    assert interrupted_run("r") == Path("outputs/r-20260103-000000")  # finetune --resume skips sweeps
+
+
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_model, shared_data, monkeypatch):
+    import slmops.finetune as finetune_module
+    from slmops.sweep import sweep
+
+    real = finetune_module.finetune
+
+    def flaky(recipe, out, **kwargs):
+        if recipe.training.learning_rate == 1e-2:
+            raise RunError("Olive finished without producing an adapter")
+        return real(recipe, out, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "finetune", flaky)
+    result = sweep(load_recipe(str(sweep_recipe(tmp_path, tiny_model, "grid"))), tmp_path / "s")
+    assert [(t.status, t.error) for t in result.trials] == [
+        ("done", None), ("failed", "Olive finished without producing an adapter"), ("done", None)]
+    assert result.best.number in (0, 2)
+    assert not list((tmp_path / "s" / "trials").glob(".slmops-*"))  # no leftovers of the failed trial
+
+
+def test_resume_refuses_a_changed_recipe_or_data(tmp_path, tiny_model, shared_data):
     from slmops.recipe import recipe_to_yaml
+    from slmops.sweep import SweepResult, Trial, _previous_trials, _write_sweep, check_sweepable
 
     recipe = load_recipe(str(sweep_recipe(tmp_path, tiny_model)))
+    identity = check_sweepable(recipe)
     partial = tmp_path / "partial"
-    partial.mkdir()
+    (partial / "trials" / "000").mkdir(parents=True)
+    (partial / "trials" / "000" / "run.json").write_text("{}")
     (partial / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    _write_sweep(partial, recipe, 3, SweepResult(str(partial), "eval_loss", False, [], None))
-    assert _previous_trials(partial, recipe) == {}
+    done = Trial(0, {"training.learning_rate": 1e-4}, "done", 5.0, folder="trials/000")
+    failed = Trial(1, {"training.learning_rate": 1e-2}, "failed", error="boom", folder="trials/001")
+    result = SweepResult(str(partial), "eval_loss", False, [done, failed], None)
+    _write_sweep(partial, recipe, 3, result, identity)
+    assert _previous_trials(partial, recipe, identity) == {0: done, 1: failed}  # failed ones replay as failed
+    # a resume cut off before its replay reached them keeps them
+    _write_sweep(partial, recipe, 3, SweepResult(str(partial), "eval_loss", False, [], None), identity,
+                 pending={0: done, 1: failed})
+    assert _previous_trials(partial, recipe, identity) == {0: done, 1: failed}
     recipe.search.trials = 5  # more trials is fine
-    assert _previous_trials(partial, recipe) == {}
+    assert _previous_trials(partial, recipe, identity) == {0: done, 1: failed}
+    with pytest.raises(RunError, match="--resume: the data files changed since the interrupted sweep"):
+        _previous_trials(partial, recipe, dict(identity, data={"sft": {"sha256": "other"}}))
     recipe.lora.r = 8
     with pytest.raises(RunError, match="--resume: the recipe changed since the interrupted sweep"):
-        _previous_trials(partial, recipe)
+        _previous_trials(partial, recipe, identity)
 
 
 def test_dpo_sweep_optimises_preference_accuracy(tmp_path, tiny_model, shared_data):

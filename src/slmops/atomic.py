@@ -90,15 +90,10 @@ def resumable_dir(target: Path, resume: bool, keep: Callable[[Path], bool]) -> I
     """Like atomic_dir, but the partial folder has a fixed name and outlives a failed run when
     keep(partial) says it holds something to resume from (a checkpoint); `resume` continues in it."""
     target = Path(target).absolute()
-    _refuse_existing(target)
+    check_target(target, resume)
     with output_lock(target):
-        _refuse_existing(target)
+        check_target(target, resume)  # as the run that held the lock before us left it
         partial = resume_folder(target)
-        if partial.exists() and not resume:
-            raise RunError(f"'{target}' has an interrupted run in {partial}; continue it with --resume, "
-                           "or delete that folder to start over")
-        if resume and not partial.exists():
-            raise RunError(f"nothing to resume for '{target}': {partial} does not exist; run without --resume")
         partial.mkdir(exist_ok=True)
         try:
             yield partial
@@ -107,6 +102,18 @@ def resumable_dir(target: Path, resume: bool, keep: Callable[[Path], bool]) -> I
             if not keep(partial):
                 shutil.rmtree(partial, ignore_errors=True)
             raise
+
+
+def check_target(target: Path, resume: bool) -> None:
+    """What resumable_dir would refuse at once, checked early (before a run is recorded anywhere)."""
+    target = Path(target).absolute()
+    _refuse_existing(target)
+    partial = resume_folder(target)
+    if partial.exists() and not resume:
+        raise RunError(f"'{target}' has an interrupted run in {partial}; continue it with --resume, "
+                       "or delete that folder to start over")
+    if resume and not partial.exists():
+        raise RunError(f"nothing to resume for '{target}': {partial} does not exist; run without --resume")
 
 
 def resume_folder(target: Path) -> Path:

@@ -92,6 +92,9 @@ def read_manifest(folder: Path) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{path} is not valid JSON ({exc.__class__.__name__}); re-export the bundle") from None
+    if isinstance(manifest, dict) and manifest.get("format") == "slmops-package":
+        raise BundleError(f"'{folder}' is a model package, and this command takes a bundle; pass one of the bundles "
+                          "it was built from (generate, chat and serve take packages)")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{path} is not an slmops bundle manifest; re-export the bundle")
     if manifest.get("format_version") != FORMAT_VERSION:

@@ -347,7 +347,8 @@ def render_markdown(c: Comparison) -> str:
                     [[name, *(f"{m[key]:.4f}" for key, _ in columns)] for name, m in c.metrics.items()])
     lines += ["", "## Paired tests", "",
               "Sign-flip permutation test on per-example values, exact McNemar on right/wrong pairs; "
-              "two-sided. Mean diff is B minus A.", ""]
+              "two-sided. Mean diff is B minus A. `nll` is each example's mean token NLL (the eval loss "
+              "above is token-weighted over all examples).", ""]
     lines += _table(["A", "B", "metric", "test", "n", "mean diff", "p-value"],
                     [[t.a, t.b, t.metric, t.test, str(t.n), f"{t.mean_diff:+.4f}", f"{t.p_value:.4g}"]
                      for t in c.tests])

@@ -14,7 +14,8 @@ Adapters go with their variant, since a CUDA fp16 model takes fp16 adapters and 
 
 No released onnxruntime-genai opens this layout itself: the PyPI wheels (0.14-0.18) are built
 without ONNX Runtime's model-package API, and ONNX Runtime 1.32 reads a newer manifest schema than
-Olive 0.13 writes (tests/test_package.py fails once one of them opens it). So `open_variant`
+Olive 0.13 writes (tests/test_export.py::test_no_released_runtime_opens_olives_package_layout
+fails once one of them opens it). So `open_variant`
 selects a variant as the package's metadata.json says and gives onnxruntime-genai a flat view of
 it: the shared config with the variant's overlay applied (RFC 7386), next to links to the files.
 """
@@ -82,7 +83,15 @@ def check_bundles(bundles: list[Path]) -> dict[str, tuple[Path, dict]]:
                               f"({', '.join(sorted(first['adapters'])) or 'none'} vs "
                               f"{', '.join(sorted(manifest['adapters'])) or 'none'}); export the same adapters "
                               "for every variant")
+        for name, adapter in manifest["adapters"].items():
+            if _adapter_identity(adapter) != _adapter_identity(first["adapters"][name]):
+                raise BundleError(f"adapter '{name}' of {path} is not the one of {first_path} (another source, "
+                                  "rank or modules); export the same adapters for every variant")
     return variants
+
+
+def _adapter_identity(adapter: dict) -> tuple:
+    return adapter.get("source"), adapter.get("rank"), sorted(adapter.get("modules") or [])
 
 
 def build_package(bundles: list[Path], output: Path, name: Optional[str] = None, version: str = "1.0") -> dict:
@@ -127,6 +136,9 @@ def _olive_package(variants: dict, staging: Path, out: Path, name: str, version:
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # it prints the temporary folder's name
             ModelPackageCommand(argparse.ArgumentParser(), args).run()
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        raise BundleError(f"Olive could not package the bundles: {str(exc).splitlines()[0]}; check them with "
+                          "`slmops verify` and re-export the one it names") from None
     finally:
         olive_log.setLevel(level)
     for child in written.iterdir():

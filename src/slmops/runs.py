@@ -3,15 +3,17 @@
     runs/<id>/record.json   recipe, model, data hashes, metrics, durations, output paths, status
     runs/<id>/loss.png      train and eval loss per stage (fine-tunes and trials)
 
-A record is written when the run starts (status "running", with its pid) and again when it ends
-(done, failed or interrupted), each time whole through a temporary file and a rename. A crash
-therefore leaves every other record intact and its own one saying "running"; `slmops runs list`
-shows such a run as crashed once its process is gone.
+A record is written when the run starts (status "running") and again when it ends (done, failed or
+interrupted), each time whole through a temporary file and a rename. A crash therefore leaves
+every other record intact and its own one saying "running". The run holds a lock on
+runs/<id>/.alive while it lives, which the kernel drops when the process dies however it dies, so
+`slmops runs list` shows such a run as crashed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -24,6 +26,7 @@ from slmops.errors import RunError
 
 RECORD = "record.json"
 PLOT = "loss.png"
+ALIVE = ".alive"  # flock-ed by the run's process for as long as it runs
 
 
 def runs_dir() -> Path:
@@ -34,7 +37,10 @@ def write_record(record: dict) -> None:
     folder = runs_dir() / record["id"]
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{RECORD}.{os.getpid()}.partial"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(record, indent=2) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())  # a power cut leaves the old record or the new one, never an empty file
     tmp.replace(folder / RECORD)
 
 
@@ -42,10 +48,14 @@ def write_record(record: dict) -> None:
 def track(kind: str, name: str, output: Path, **fields) -> Iterator[dict]:
     """Record a run in the index while the block runs; the block may add fields (metrics, ...) to the record."""
     started = time.time()
-    record = {"id": f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{name}-{secrets.token_hex(2)}", "kind": kind,
+    record = {"id": f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{name}-{secrets.token_hex(3)}", "kind": kind,
               "name": name, "status": "running", "pid": os.getpid(), "host": socket.gethostname(),
               "started": _stamp(started), "ended": None, "seconds": None,
               "output": str(Path(output).absolute()), **fields}
+    folder = runs_dir() / record["id"]
+    folder.mkdir(parents=True, exist_ok=True)
+    alive = os.open(folder / ALIVE, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(alive, fcntl.LOCK_EX)  # held while the run lives; the kernel drops it when the process dies
     write_record(record)
     try:
         yield record
@@ -60,6 +70,7 @@ def track(kind: str, name: str, output: Path, **fields) -> Iterator[dict]:
     finally:
         record.update(ended=_stamp(time.time()), seconds=round(time.time() - started, 1))
         write_record(record)
+        os.close(alive)
 
 
 def _stamp(t: float) -> str:
@@ -130,22 +141,27 @@ def list_runs() -> list[dict]:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # not a record this version wrote whole; the others still list
-        if record.get("status") == "running" and not _alive(record):
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("id", "kind", "status")):
+            continue
+        if record["status"] == "running" and not _alive(path.parent):
             record["status"] = "crashed"
         records.append(record)
-    return sorted(records, key=lambda r: (r.get("started") or "", r["id"]))
+    return sorted(records, key=lambda r: (str(r.get("started") or ""), r["id"]))
 
 
-def _alive(record: dict) -> bool:
-    if record.get("host") != socket.gethostname():
-        return True  # another machine's run: cannot tell
+def _alive(folder: Path) -> bool:
+    """Whether the run's process still holds its lock (pids can be reused; the lock dies with the process)."""
     try:
-        os.kill(int(record["pid"]), 0)
-    except ProcessLookupError:
+        fd = os.open(folder / ALIVE, os.O_RDWR)
+    except FileNotFoundError:
         return False
-    except (PermissionError, ValueError, TypeError, KeyError):
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
         return True
-    return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def find_run(prefix: str) -> dict:

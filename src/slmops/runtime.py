@@ -88,7 +88,7 @@ class Runtime:
         go_offline(olive=False)  # before onnxruntime-genai loads: its telemetry reads the environment
         import onnxruntime_genai as og
 
-        self.path = Path(bundle)
+        self.path = self.source = Path(bundle)  # path: the bundle, or a package variant's flat view
         self.variant = None
         if is_package(self.path):
             self.path = self._open_package(self.path, variant, merged)
@@ -143,7 +143,7 @@ class Runtime:
                 raise BundleError(f"unknown adapter '{name}'; this bundle has: {known}")
             path = self.path / self.manifest["adapters"][name]["file"]  # from the manifest, never from the name
             if not path.is_file():
-                raise BundleError(f"adapter file {path} is missing; run `slmops verify {self.path}`")
+                raise BundleError(f"adapter file {path} is missing; run `slmops verify {self.source}`")
             self.adapters.load(str(path), name)
             self._loaded.add(name)
 

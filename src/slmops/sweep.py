@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from slmops import runs
-from slmops.atomic import resumable_dir, resume_folder
-from slmops.errors import RunError
+from slmops.atomic import check_target, resumable_dir, resume_folder
+from slmops.errors import RunError, SlmopsError
 from slmops.recipe import Recipe, apply_override, build_recipe, recipe_to_yaml
 
 SWEEP = "sweep.json"
@@ -79,38 +79,54 @@ def objective_of(objective: str, recipe: Recipe, result) -> Optional[float]:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
-def check_sweepable(recipe: Recipe) -> None:
-    """A sweep needs a search space and held-out rows for its objective: refuse before any training."""
+def check_sweepable(recipe: Recipe) -> dict:
+    """Refuse before any training what would fail every trial: no search space, a value the recipe
+    rejects, no held-out rows for the objective, a missing tracker. Returns what the sweep ran on
+    (data hashes, model fingerprint), which --resume compares."""
     from slmops.finetune import plan
+    from slmops.models import model_fingerprint
+    from slmops.tracking import check_trackers
 
     if recipe.search is None:
         raise RunError(f"recipe {recipe.name} has no `search` section; add one (search: {{space: {{lora.r: [8, 16]}}}}) "
                        "to sweep it")
-    counts = plan(recipe).counts
+    for key, values in recipe.search.choices().items():
+        for value in values:
+            trial_recipe(recipe, {key: value})
+    check_trackers(recipe.training.report_to)
+    p = plan(recipe)
     stage = recipe.stages[-1]
-    if counts[stage][1] == 0:
+    if p.counts[stage][1] == 0:
         where = "dpo.data" if stage == "dpo" else "data"
         raise RunError(f"the sweep's objective {recipe.objective} is measured on held-out {stage} rows and this recipe "
                        f"has none; set {where}.eval_split (e.g. 0.1) or {where}.eval_file")
+    return {"data": json.loads(json.dumps(asdict(p.sources))), "model": model_fingerprint(p.model.path)}
+
+
+def space_size(recipe: Recipe) -> int:
+    return math.prod(len(values) for values in recipe.search.choices().values())
 
 
 def sweep(recipe: Recipe, output_dir: Path, trials: Optional[int] = None, resume: bool = False,
           progress=None) -> SweepResult:
     """Run the sweep (or continue it with resume) and return every trial and the best."""
-    check_sweepable(recipe)
-    n_trials = trials or recipe.search.trials
+    identity = check_sweepable(recipe)
+    n_trials = min(trials or recipe.search.trials, space_size(recipe))
+    if progress and n_trials < (trials or recipe.search.trials):
+        progress(f"the search space has {n_trials} points: {n_trials} trials")
     objective, higher = recipe.objective, _HIGHER_IS_BETTER[recipe.objective]
     output_dir = Path(output_dir).absolute()
-    with resumable_dir(output_dir, resume, keep=_worth_resuming) as tmp, \
-            runs.track("sweep", recipe.name, output_dir, recipe=recipe.name, objective=objective,
-                       sampler=recipe.search.sampler, space=recipe.search.choices(), trials=n_trials) as record:
-        done = _previous_trials(tmp, recipe) if resume else {}
+    check_target(output_dir, resume)  # refusals before the run is indexed
+    with runs.track("sweep", recipe.name, output_dir, recipe=recipe.name, objective=objective,
+                    sampler=recipe.search.sampler, space=recipe.search.choices(), trials=n_trials) as record, \
+            resumable_dir(output_dir, resume, keep=_worth_resuming) as tmp:
+        before = _previous_trials(tmp, recipe, identity) if resume else {}
         (tmp / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         result = SweepResult(str(output_dir), objective, higher, [], None)
-        _write_sweep(tmp, recipe, n_trials, result)
+        _write_sweep(tmp, recipe, n_trials, result, identity, before)
         for number, params in _proposals(recipe, n_trials, result):
-            trial = done.get(number)
-            if trial is not None and trial.status == "done":
+            trial = before.get(number)
+            if trial is not None:
                 if trial.params != params:
                     raise RunError(f"--resume: trial {number} now gets {params}, the interrupted sweep ran {trial.params}; "
                                    f"resume with the same search space and seed, or delete {tmp} to start over")
@@ -118,18 +134,29 @@ def sweep(recipe: Recipe, output_dir: Path, trials: Optional[int] = None, resume
             else:
                 trial = _run_trial(recipe, number, params, tmp, record["id"], progress)
             result.trials.append(trial)
-            _write_sweep(tmp, recipe, n_trials, result)
+            _write_sweep(tmp, recipe, n_trials, result, identity, before)
         result.best = _best(result.trials, higher)
         if result.best is None:
             raise RunError(f"no trial of the sweep finished with a {objective} ({len(result.trials)} failed; first: "
                            f"{result.trials[0].error if result.trials else 'none ran'}); fix the recipe and run again")
-        _write_sweep(tmp, recipe, n_trials, result)
+        _write_sweep(tmp, recipe, n_trials, result, identity)
         _plot_trials(tmp, result, runs.runs_dir().absolute() / record["id"] / runs.PLOT, record)
         record.update(best={"trial": result.best.number, "params": result.best.params,
                             objective: result.best.objective,
                             "adapter": str(output_dir / result.best.folder / "adapter")},
                       finished_trials=sum(t.status == "done" for t in result.trials))
     return result
+
+
+def interrupted_sweep(recipe_name: str) -> Path:
+    """The output folder of the recipe's newest interrupted sweep under outputs/ (--resume without -o)."""
+    from slmops.atomic import PARTIAL_PREFIX
+
+    partials = sorted(p for p in Path("outputs").glob(f"{PARTIAL_PREFIX}{recipe_name}-sweep-*") if (p / SWEEP).is_file())
+    if not partials:
+        raise RunError(f"nothing to resume: no interrupted sweep of recipe {recipe_name} under outputs/; run without "
+                       "--resume, or pass -o with the interrupted sweep's folder")
+    return partials[-1].parent / partials[-1].name[len(PARTIAL_PREFIX):]
 
 
 def _proposals(recipe: Recipe, n_trials: int, result: SweepResult) -> Iterator[tuple[int, dict]]:
@@ -172,7 +199,7 @@ def _run_trial(recipe: Recipe, number: int, params: dict, sweep_dir: Path, sweep
     if progress:
         progress(f"trial {number}: {_params_text(params)}" + (" (resuming)" if resume else ""))
     start = time.monotonic()
-    r = trial_recipe(recipe, params)
+    r = trial_recipe(recipe, params)  # checked for every value before the sweep started
     try:
         final = Path(final_folder(sweep_dir)) / folder  # where the trial lives once the sweep is complete
         with runs.track("trial", recipe.name, final, **runs.finetune_fields(r), sweep=sweep_id, trial=number,
@@ -183,8 +210,9 @@ def _run_trial(recipe: Recipe, number: int, params: dict, sweep_dir: Path, sweep
             trial.objective = objective_of(recipe.objective, r, result)
             record["objective"] = {"name": recipe.objective, "value": trial.objective}
             trial.metrics = record["metrics"]
-    except RunError as exc:  # this trial's values failed (e.g. out of memory at a large batch): go on
+    except SlmopsError as exc:  # this trial's values failed (e.g. out of memory at a large batch): go on
         trial.status, trial.error = "failed", str(exc)
+        shutil.rmtree(resume_folder(out), ignore_errors=True)  # its checkpoints are no use to the sweep
     else:
         trial.status = "done" if trial.objective is not None else "failed"
         trial.error = None if trial.objective is not None else f"no finite {recipe.objective} at the end of training"
@@ -228,8 +256,12 @@ def _best(trials: list[Trial], higher: bool) -> Optional[Trial]:
     return (max if higher else min)(finished, key=lambda t: (t.objective, -t.number if higher else t.number))
 
 
-def _write_sweep(folder: Path, recipe: Recipe, n_trials: int, result: SweepResult) -> None:
+def _write_sweep(folder: Path, recipe: Recipe, n_trials: int, result: SweepResult, identity: dict,
+                 pending: Optional[dict[int, Trial]] = None) -> None:
+    """sweep.json, whole. `pending`: trials of an interrupted sweep that the replay has not reached yet,
+    kept so that a resume cut off again loses none of them."""
     best = result.best
+    later = [t for n, t in sorted((pending or {}).items()) if n >= len(result.trials)]
     body = {
         "recipe": recipe.name,
         "sampler": recipe.search.sampler,
@@ -238,7 +270,8 @@ def _write_sweep(folder: Path, recipe: Recipe, n_trials: int, result: SweepResul
         "higher_is_better": result.higher_is_better,
         "trials_requested": n_trials,
         "space": recipe.search.choices(),
-        "trials": [asdict(t) for t in result.trials],
+        "identity": identity,
+        "trials": [asdict(t) for t in [*result.trials, *later]],
         "best": None if best is None else {"trial": best.number, "params": best.params, "objective": best.objective,
                                            "folder": best.folder},
     }
@@ -249,25 +282,29 @@ def _write_sweep(folder: Path, recipe: Recipe, n_trials: int, result: SweepResul
 
 def _worth_resuming(partial: Path) -> bool:
     """Keep an interrupted sweep that has a finished trial, or a trial with a checkpoint to continue from."""
-    if any(partial.glob("trials/.slmops-partial-*/work/*/checkpoint-*/trainer_state.json")):
-        return True
-    try:
-        return any(t["status"] == "done" for t in json.loads((partial / SWEEP).read_text())["trials"])
-    except (OSError, ValueError, KeyError):
-        return False
+    return any(partial.glob("trials/*/run.json")) or any(
+        partial.glob("trials/.slmops-partial-*/work/*/checkpoint-*/trainer_state.json"))
 
 
-def _previous_trials(partial: Path, recipe: Recipe) -> dict[int, Trial]:
-    """The finished trials of the interrupted sweep in `partial` (same recipe, searched keys aside)."""
+def _previous_trials(partial: Path, recipe: Recipe, identity: dict) -> dict[int, Trial]:
+    """The trials the interrupted sweep in `partial` finished or saw fail (same recipe, data and model)."""
     path = partial / SWEEP
     if not path.is_file():
         return {}
+    body = json.loads(path.read_text())
     before = (partial / "recipe.yaml").read_text() if (partial / "recipe.yaml").is_file() else None
     if before is not None and _without_trials(before) != _without_trials(recipe_to_yaml(recipe)):
         raise RunError(f"--resume: the recipe changed since the interrupted sweep; resume with the same recipe and "
                        f"flags (only --trials may change), or delete {partial} to start over")
-    trials = [Trial(**t) for t in json.loads(path.read_text())["trials"]]
-    return {t.number: t for t in trials if (partial / t.folder / "run.json").is_file()}
+    changed = [label for key, label in (("data", "data files"), ("model", "model weights"))
+               if body.get("identity", {}).get(key) != identity[key]]
+    if changed:
+        raise RunError(f"--resume: the {' and the '.join(changed)} changed since the interrupted sweep; resume with "
+                       f"the same ones, or delete {partial} to start over")
+    trials = [Trial(**t) for t in body["trials"]]
+    # a failed trial is replayed as it failed: rerunning it could feed the sampler another value
+    return {t.number: t for t in trials
+            if t.status == "failed" or (t.status == "done" and (partial / t.folder / "run.json").is_file())}
 
 
 def _without_trials(recipe_yaml: str) -> dict:

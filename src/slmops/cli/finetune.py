@@ -50,7 +50,9 @@ def finetune_command(recipe, model, data, output, sets, dry_run, resume, num_pro
         result = finetune(r, output, dry_run=True)
     else:
         from slmops import runs
+        from slmops.atomic import check_target
 
+        check_target(output, resume)  # an output that exists is refused before the run is indexed
         with runs.track("finetune", r.name, output, **runs.finetune_fields(r)) as record:
             result = finetune(r, output, resume=resume)
             runs.add_finetune_result(record, result)

@@ -27,16 +27,15 @@ def sweep_command(recipe, trials, model, data, output, sets, resume, report_to, 
     """Search hyper-parameters (search.space) with Olive's samplers: one fine-tune per trial, the best named."""
     import time
 
-    from slmops.finetune import interrupted_run
     from slmops.privacy import prepare_environment
     from slmops.recipe import load_recipe
-    from slmops.sweep import sweep
+    from slmops.sweep import interrupted_sweep, sweep
 
     r = load_recipe(recipe, flags={"model.name": model, "training.report_to": list(report_to) or None,
                                    **_data_flags(data)}, sets=list(sets))
     prepare_environment(r)
     if resume and output is None:
-        output = interrupted_run(f"{r.name}-sweep")
+        output = interrupted_sweep(r.name)
     output = output or Path("outputs") / f"{r.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     result = sweep(r, output, trials=trials, resume=resume, progress=lambda line: click.echo(line, err=True))
     if as_json:
