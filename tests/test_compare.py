@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import write_jsonl
+from test_export import make_adapter
 
-from slmops.cli import SlmopsGroup
-from slmops.cli.compare import compare_command
+from slmops.cli import cli
 from slmops.compare import (CompareRequest, compare, lcs_length, mcnemar_test, paired_test, rouge_l,
                             sign_flip_test)
 
@@ -33,22 +33,6 @@ PAIRS = [
     {"prompt": "Can birds fly?", "chosen": "Most can.", "rejected": LONG},
     {"prompt": "Is water wet?", "chosen": LONG, "rejected": "No."},
 ]
-
-
-def make_adapter(model: Path, out: Path, r: int, modules: list[str], seed: int, std: float = 0.02) -> Path:
-    """A PEFT LoRA on `model` whose B is drawn with this std (0: B = 0, the adapter changes nothing), saved to `out`."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model),
-                          LoraConfig(r=r, lora_alpha=2 * r, target_modules=modules, task_type="CAUSAL_LM"))
-    for name, tensor in peft.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(tensor, std=std)
-    peft.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -212,7 +196,7 @@ def table(report: str, heading: str) -> list[list[str]]:
 def test_cli_report_matches_json(tmp_path, tiny_model, adapters):
     data = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)
     out = tmp_path / "reports" / "ab.md"
-    result = CliRunner().invoke(compare_command, [
+    result = CliRunner().invoke(cli, ["compare",
         "--model", str(tiny_model), "-a", f"zero={adapters['zero']}", "-a", str(adapters["moved"]), "--data",
         str(data), "--max-new-tokens", "6", "--max-length", "128", "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
@@ -239,7 +223,7 @@ def test_cli_report_matches_json(tmp_path, tiny_model, adapters):
 
 def test_cli_prints_markdown_without_output(tmp_path, tiny_model, adapters):
     data = write_jsonl(tmp_path / "prefs.jsonl", PAIRS)
-    result = CliRunner().invoke(compare_command, ["--model", str(tiny_model), "-a", f"z={adapters['zero']}",
+    result = CliRunner().invoke(cli, ["compare", "--model", str(tiny_model), "-a", f"z={adapters['zero']}",
                                                   "--data", str(data), "--no-generate", "--max-samples", "3"])
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("# slmops compare\n")
@@ -278,8 +262,7 @@ def test_bad_input_is_one_line(tmp_path, tiny_model, adapters, case, message):
         "named base": lambda: ["-a", f"base={adapters['zero']}", "--data", str(sft)],
         "other base": lambda: ["-a", str(different_base_adapter(tmp_path)), "--data", str(sft)],
     }[case]()
-    group = SlmopsGroup(commands=[compare_command])  # the real CLI's edge: SlmopsError -> one line, exit 2
-    result = CliRunner().invoke(group, ["compare", "--model", str(tiny_model), "--no-generate", *args])
+    result = CliRunner().invoke(cli, ["compare", "--model", str(tiny_model), "--no-generate", *args])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("Loading weights")]
     assert len(lines) == 1 and lines[0].startswith("Error: " + message.format(tmp=tmp_path)), result.stderr

@@ -92,8 +92,11 @@ def resumable_dir(target: Path, resume: bool, keep: Callable[[Path], bool]) -> I
     target = Path(target).absolute()
     check_target(target, resume)
     with output_lock(target):
-        check_target(target, resume)  # as the run that held the lock before us left it
+        _refuse_existing(target)  # as the run that held the lock before us left it
         partial = resume_folder(target)
+        if partial.exists() and not resume:
+            raise RunError(f"'{target}' has an interrupted run in {partial}; continue it with --resume, "
+                           "or delete that folder to start over")
         partial.mkdir(exist_ok=True)
         try:
             yield partial
@@ -107,6 +110,8 @@ def resumable_dir(target: Path, resume: bool, keep: Callable[[Path], bool]) -> I
 def check_target(target: Path, resume: bool) -> None:
     """What resumable_dir would refuse at once, checked early (before a run is recorded anywhere)."""
     target = Path(target).absolute()
+    with output_lock(target):  # a run writing it now is named as such, not as an interrupted one
+        pass
     _refuse_existing(target)
     partial = resume_folder(target)
     if partial.exists() and not resume:
