@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from slmops import runs
-from slmops.atomic import check_target, resumable_dir, resume_folder
+from slmops.atomic import PARTIAL_PREFIX, check_target, resumable_dir, resume_folder
 from slmops.errors import RunError, SlmopsError
 from slmops.recipe import Recipe, apply_override, build_recipe, recipe_to_yaml
 
@@ -150,8 +150,6 @@ def sweep(recipe: Recipe, output_dir: Path, trials: Optional[int] = None, resume
 
 def interrupted_sweep(recipe_name: str) -> Path:
     """The output folder of the recipe's newest interrupted sweep under outputs/ (--resume without -o)."""
-    from slmops.atomic import PARTIAL_PREFIX
-
     partials = sorted(p for p in Path("outputs").glob(f"{PARTIAL_PREFIX}{recipe_name}-sweep-*") if (p / SWEEP).is_file())
     if not partials:
         raise RunError(f"nothing to resume: no interrupted sweep of recipe {recipe_name} under outputs/; run without "
@@ -201,7 +199,7 @@ def _run_trial(recipe: Recipe, number: int, params: dict, sweep_dir: Path, sweep
     start = time.monotonic()
     r = trial_recipe(recipe, params)  # checked for every value before the sweep started
     try:
-        final = Path(final_folder(sweep_dir)) / folder  # where the trial lives once the sweep is complete
+        final = final_folder(sweep_dir) / folder  # where the trial lives once the sweep is complete
         with runs.track("trial", recipe.name, final, **runs.finetune_fields(r), sweep=sweep_id, trial=number,
                         params=params) as record:
             trial.run_id = record["id"]
@@ -225,8 +223,6 @@ def _run_trial(recipe: Recipe, number: int, params: dict, sweep_dir: Path, sweep
 
 def final_folder(sweep_dir: Path) -> Path:
     """The final folder of a sweep that is being built in its partial folder."""
-    from slmops.atomic import PARTIAL_PREFIX
-
     name = sweep_dir.name
     return sweep_dir.parent / name[len(PARTIAL_PREFIX):] if name.startswith(PARTIAL_PREFIX) else sweep_dir
 
