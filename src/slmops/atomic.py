@@ -65,6 +65,29 @@ def output_lock(target: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def write_file(path: Path, write: Callable[[Path], None], fsync: bool = False) -> None:
+    """Write one file whole or not at all: `write` fills a hidden temporary file beside `path`, which is
+    then renamed over it (fsync first, when a power cut must not leave an empty file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        write(tmp)
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str, fsync: bool = False) -> None:
+    write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), fsync)
+
+
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary folder next to `target`; rename it to `target` if the block succeeds.

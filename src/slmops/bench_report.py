@@ -130,9 +130,9 @@ def charts(report: Report, folder: Path) -> list[str]:
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    fig.savefig(tmp, dpi=110, format="png")
-    tmp.rename(path)
+    from slmops.atomic import write_file
+
+    write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def write_reports(report: Report, folder: Path) -> list[Path]:
@@ -140,10 +140,10 @@ def write_reports(report: Report, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     names = charts(report, folder)
     outputs = {"results.json": to_json(report), "results.csv": to_csv(report), "report.md": markdown(report, names)}
+    from slmops.atomic import write_text
+
     for name, text in outputs.items():
-        tmp = folder / f".{name}.partial"
-        tmp.write_text(text)
-        tmp.rename(folder / name)
+        write_text(folder / name, text)
     return [folder / n for n in (*outputs, *names)]
 
 
@@ -179,10 +179,10 @@ def write_matrix(rows: list[MatrixRow], machine: dict, folder: Path, scenario: s
     outputs = {"matrix.json": json.dumps({"machine": machine, "scenario": scenario,
                                           "rows": [asdict(r) for r in rows]}, indent=2),
                "matrix.md": "\n".join(md) + "\n"}
+    from slmops.atomic import write_text
+
     for name, text in outputs.items():
-        tmp = folder / f".{name}.partial"
-        tmp.write_text(text)
-        tmp.rename(folder / name)
+        write_text(folder / name, text)
     return [folder / n for n in (*outputs, "matrix.png")]
 
 

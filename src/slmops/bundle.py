@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from slmops.atomic import write_text
 from slmops.errors import SlmopsError
 from slmops.files import file_sha256
 
@@ -70,9 +71,7 @@ def write_bundle_metadata(folder: Path, manifest: dict) -> None:
     """Write README.md from the manifest, hash every file, then write slmops.json (temp file + rename)."""
     (folder / "README.md").write_text(model_card(manifest))
     manifest["files"] = hash_files(folder)
-    tmp = folder / f".{MANIFEST}.partial"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.rename(folder / MANIFEST)
+    write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def hash_files(folder: Path) -> dict[str, str]:

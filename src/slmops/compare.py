@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -374,17 +372,9 @@ def _fenced(text: str) -> list[str]:
 
 def write_report(text: str, path: Path) -> None:
     """Write whole or not at all: a temporary file beside `path`, then renamed over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from slmops.atomic import write_text
+
+    write_text(Path(path), text)
 
 
 def to_json(c: Comparison) -> str:

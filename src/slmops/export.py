@@ -20,7 +20,7 @@ from typing import Optional
 
 from slmops import bundle as bundle_mod
 from slmops import lora
-from slmops.atomic import atomic_dir, output_lock
+from slmops.atomic import atomic_dir, output_lock, write_file
 from slmops.compat import olive_cwd, raise_if_interrupted
 from slmops.errors import RunError
 from slmops.models import ResolvedModel, model_fingerprint
@@ -331,10 +331,7 @@ def write_onnx_adapter(adapter: lora.Adapter, inputs: dict[str, tuple[int, int]]
     fmt.set_adapter_version(1)
     fmt.set_model_version(1)
     fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in tensors.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    fmt.export_adapter(str(tmp))
-    tmp.rename(path)
+    write_file(path, lambda tmp: fmt.export_adapter(str(tmp)))
 
 
 def adapter_record(adapter: lora.Adapter) -> dict:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from slmops.atomic import write_file, write_text
 from slmops.errors import RunError
 
 RECORD = "record.json"
@@ -34,14 +35,8 @@ def runs_dir() -> Path:
 
 
 def write_record(record: dict) -> None:
-    folder = runs_dir() / record["id"]
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{RECORD}.{os.getpid()}.partial"
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(record, indent=2) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())  # a power cut leaves the old record or the new one, never an empty file
-    tmp.replace(folder / RECORD)
+    # fsync: a power cut leaves the old record or the new one, never an empty file
+    write_text(runs_dir() / record["id"] / RECORD, json.dumps(record, indent=2) + "\n", fsync=True)
 
 
 @contextlib.contextmanager
@@ -126,11 +121,8 @@ def plot_losses(logs: dict[str, list[dict]], path: Path, title: str) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, dpi=90)
+    write_file(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def list_runs() -> list[dict]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from slmops import runs
-from slmops.atomic import PARTIAL_PREFIX, check_target, resumable_dir, resume_folder
+from slmops.atomic import PARTIAL_PREFIX, check_target, resumable_dir, resume_folder, write_text
 from slmops.errors import RunError, SlmopsError
 from slmops.recipe import Recipe, apply_override, build_recipe, recipe_to_yaml
 
@@ -271,9 +271,7 @@ def _write_sweep(folder: Path, recipe: Recipe, n_trials: int, result: SweepResul
         "best": None if best is None else {"trial": best.number, "params": best.params, "objective": best.objective,
                                            "folder": best.folder},
     }
-    tmp = folder / f".{SWEEP}.partial"
-    tmp.write_text(json.dumps(body, indent=2) + "\n")
-    tmp.replace(folder / SWEEP)
+    write_text(folder / SWEEP, json.dumps(body, indent=2) + "\n")
 
 
 def _worth_resuming(partial: Path) -> bool:
