@@ -32,7 +32,7 @@ def report(tiny_bundle):
 
 def test_report_schema(report):
     assert set(report) == {"bundle", "machine", "options", "bandwidth_gbs", "bytes_per_token", "rows",
-                           "adapter_load_ms", "adapter_switch_ms", "adapter_overhead", "summary"}
+                           "adapter_load_ms", "adapter_switch_ms", "adapter_overhead", "summary", "kv_cache"}
     assert {"cpu", "cores", "memory_gib", "versions"} <= set(report["machine"])
     assert report["machine"]["versions"]["onnxruntime-genai"]
     assert report["bandwidth_gbs"] > 0.1
@@ -49,7 +49,10 @@ def test_report_schema(report):
     assert all(0 < r["bound_fraction"] for r in ort)
     assert report["adapter_switch_ms"] >= 0 and set(report["adapter_load_ms"]) == {"qv"}
     assert set(report["adapter_overhead"]["16in/8out"]) == {"qv", "base (empty LoRA inputs)"}
-    assert report["summary"]["16in/8out"]["x_pytorch"] > 0
+    summary = report["summary"]["16in/8out"]
+    assert summary["x_pytorch"] > 0 and summary["prefill_x_pytorch"] > 0 and report["kv_cache"] == "fp32"
+    base = next(r for r in ort if r["adapter"] == "base" and r["scenario"] == "16in/8out")
+    assert summary["ort_prefill_tps"] == base["prefill_tps"] and summary["bound_fraction"] == base["bound_fraction"]
 
 
 def test_report_files_next_to_the_bundle(report, tiny_bundle):

@@ -45,26 +45,48 @@ def test_olive_still_drops_warmup_ratio_under_transformers_5():
     assert HFTrainingArguments(output_dir="unused", extra_args={"warmup_steps": 0.5}).create_training_args().warmup_steps == 0.5
 
 
-def test_olive_model_builder_still_needs_onnxruntime_genai_0_14():
-    """Why pyproject pins onnxruntime-genai==0.14.1: Olive's ModelBuilder pass imports
-    `onnxruntime_genai.models.quantized_model` (gone in 0.16+) and calls create_model without
-    parse_extra_options (needed from 0.15). Fails once Olive changes that code: then try a newer
-    onnxruntime-genai and drop the pin."""
-    import inspect
+def _builder_pass(cls, precision="int4"):
+    from olive.hardware.accelerator import AcceleratorSpec
 
-    from olive.passes.onnx import model_builder
-
-    source = inspect.getsource(model_builder)
-    assert "onnxruntime_genai.models.quantized_model" in source
-    assert "parse_extra_options" not in source
+    spec = AcceleratorSpec("cpu", "CPUExecutionProvider")
+    return cls(spec, cls.generate_config(spec, {"precision": precision, "int4_nodes_to_exclude": ["/lm_head/MatMul"]},
+                                         disable_search=True))
 
 
-def test_pinned_onnxruntime_genai_has_what_olive_imports():
-    import importlib
-    from importlib.metadata import version
+def test_olives_model_builder_still_fails_on_the_installed_onnxruntime_genai(tiny_model, tmp_path):
+    """Why slmops.passes.model_builder exists: Olive 0.13's own ModelBuilder pass cannot build with
+    onnxruntime-genai 0.15+ (quantized_model import, create_model without parse_extra_options).
+    Fails once it can: then render Olive's ModelBuilder again and drop SlmopsModelBuilder."""
+    from olive.model import HfModelHandler
+    from olive.passes.onnx.model_builder import ModelBuilder
 
-    assert version("onnxruntime-genai") == "0.14.1"
-    importlib.import_module("onnxruntime_genai.models.quantized_model")
+    model = HfModelHandler(model_path=str(tiny_model), task="text-generation")
+    with pytest.raises(Exception):
+        _builder_pass(ModelBuilder).run(model, str(tmp_path / "olive"))
+    assert not (tmp_path / "olive" / "model.onnx").exists()
+
+
+def test_slmops_model_builder_builds_and_honours_the_exclusions(tiny_model, tmp_path):
+    import onnx
+    from olive.model import HfModelHandler
+
+    from slmops.passes.model_builder import SlmopsModelBuilder
+
+    model = HfModelHandler(model_path=str(tiny_model), task="text-generation")
+    built = _builder_pass(SlmopsModelBuilder).run(model, str(tmp_path / "slmops"))
+    graph = onnx.load(built.model_path, load_external_data=False).graph
+    ops = {n.name: n.op_type for n in graph.node}
+    assert ops["/lm_head/MatMul"] == "MatMul"  # excluded under its int4_ name, which 0.18 reads only renamed
+    assert ops["/model/layers.0/attn/o_proj/MatMul_Q4"] == "MatMulNBits"
+
+
+def test_option_text_spells_the_builders_command_line():
+    from slmops.passes.model_builder import option_text
+
+    assert option_text("int4_nodes_to_exclude", ["/a", "/b"]) == "nodes_to_exclude=/a,/b"
+    assert option_text("int4_op_types_to_quantize", ["MatMul", "Gather"]) == "op_types_to_quantize=MatMul/Gather"
+    assert option_text("int4_is_symmetric", False) == "is_symmetric=false"
+    assert option_text("kv_cache_quant_scheme", "int8_per_tensor") == "kv_cache_quant_scheme=int8_per_tensor"
 
 
 def test_onnxruntime_genai_still_claims_npu_providers_on_a_cpu_build():
@@ -101,16 +123,6 @@ def test_export_runs_from_a_folder_with_confusing_names(tiny_model, tmp_path, mo
     result = CliRunner().invoke(cli, ["export", "-m", str(tiny_model), "-a", f"qv={qv}", "-p", "fp32", "-o", "b"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "b" / "slmops.json").is_file()
-
-
-def test_onnxruntime_genai_builder_still_swallows_interrupts():
-    # The reason for slmops.compat.honour_interrupts: a bare `except: pass` in the builder eats a
-    # KeyboardInterrupt. When this fails, the builder no longer does; the workaround can go.
-    import inspect
-
-    from onnxruntime_genai.models.builders import base
-
-    assert "except:\n            pass" in inspect.getsource(base)
 
 
 def test_an_interrupt_swallowed_inside_the_block_is_raised_after_it():

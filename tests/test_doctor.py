@@ -38,10 +38,10 @@ def test_wrong_pinned_version_names_the_pin(monkeypatch):
     import slmops.doctor
 
     real = slmops.doctor.version
-    monkeypatch.setattr(slmops.doctor, "version", lambda name: "0.18.0" if name == "onnxruntime-genai" else real(name))
+    monkeypatch.setattr(slmops.doctor, "version", lambda name: "0.14.1" if name == "onnxruntime-genai" else real(name))
     code, out = doctor()
     assert code == 1
-    assert "0.18.0, slmops needs ==0.14.1" in out and "fix: pip install 'onnxruntime-genai==0.14.1'" in out
+    assert "0.14.1, slmops needs ==0.18.0" in out and "fix: pip install 'onnxruntime-genai==0.18.0'" in out
 
 
 def test_missing_embedded_model_says_how_to_install_it(monkeypatch):

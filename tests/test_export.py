@@ -72,7 +72,7 @@ def test_bundle_layout_and_manifest(bundle, tiny_model):
     assert manifest["versions"]["olive-ai"] and manifest["versions"]["onnxruntime-genai"]
     assert "| qv | 4 | q_proj, v_proj |" in (bundle / "README.md").read_text()
     olive = json.loads((bundle / "olive_config.json").read_text())
-    assert [p["type"] for p in olive["passes"].values()] == ["ModelBuilder", "FuseLoRA", "ExtractAdapters"]
+    assert [p["type"] for p in olive["passes"].values()] == ["SlmopsModelBuilder", "FuseLoRA", "ExtractAdapters"]
 
 
 def test_lora_stays_float_and_base_is_int4(bundle):
@@ -173,6 +173,56 @@ def test_int8_bundle_runs_and_tracks_the_base(tiny_model, adapters, tmp_path):
     base, qv = json.loads(msg)["parity"]["rows"]
     assert base["agreement"] >= 0.95 and qv["agreement"] >= base["agreement"] - 0.05
     assert run("generate", out, "-a", "qv", "-p", "hi", "--max-new-tokens", "4")[0] == 0
+
+
+def test_int8_kv_cache_is_calibrated_recorded_and_verified(tiny_model, adapters, tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from slmops.kv_cache import calibrate
+
+    out = tmp_path / "kv8"
+    code, msg = run("export", "-m", tiny_model, "-a", f"qv={adapters['qv']}", "-a", f"all={adapters['all']}",
+                    "-p", "fp32", "--kv-cache", "int8", "-o", out)
+    assert code == 0, msg
+    manifest = json.loads((out / "slmops.json").read_text())
+    assert manifest["kv_cache"]["dtype"] == "int8" and manifest["kv_cache"]["models"] == ["base", "qv", "all"]
+    assert "kv_cache_scales.json" in manifest["files"] and "| KV cache | int8" in (out / "README.md").read_text()
+    scales = json.loads((out / "kv_cache_scales.json").read_text())
+    # the graph holds the calibrated scales, and they are the model's own K/V peaks (adapters included) x 1.2 / 128
+    graph = onnx.load(str(out / "model.onnx"))
+    k0 = numpy_helper.to_array(next(t for t in graph.graph.initializer if t.name == "model.layers.0.attn.k_scale"))
+    assert np.allclose(k0, scales["scales"]["k_scales"][0])
+    base_only = calibrate(tiny_model, {})["scales"]
+    assert all(a >= b for a, b in zip(scales["scales"]["k_scales"], base_only["k_scales"]))
+    assert {i.type.tensor_type.elem_type for i in graph.graph.input if i.name.startswith("past_key")} == {
+        onnx.TensorProto.INT8}
+    # fp32 weights with an int8 cache are judged as quantized: by agreement, the cache on the measured path
+    code, msg = run("verify", out, "--parity", "--json")
+    assert code == 0, msg
+    parity = json.loads(msg)["parity"]
+    assert parity["kv_cache"] == "int8" and [r["name"] for r in parity["rows"]] == ["base", "qv", "all"]
+    assert all(r["agreement"] >= 0.95 and 1e-6 < r["max_abs_diff"] < 0.5 for r in parity["rows"])
+    assert run("generate", out, "-a", "all", "-p", "hi", "--max-new-tokens", "4")[0] == 0
+    # an adapter whose K/V run past the fixed scales would clip: --into refuses it, a small one fits
+    big = make_adapter(tiny_model, tmp_path / "big", 4, ["k_proj", "v_proj"], seed=7, std=2.0)
+    code, msg = run("export", "--into", out, "-a", f"big={big}")
+    assert code == 2 and "past the bundle's int8 KV cache range" in msg
+    small = make_adapter(tiny_model, tmp_path / "small", 4, ["k_proj"], seed=8, std=1e-4)
+    assert run("export", "--into", out, "-a", f"small={small}")[0] == 0
+
+
+def test_int8_kv_cache_only_where_the_runtime_quantizes_it(tiny_model, tmp_path):
+    code, msg = run("export", "-m", tiny_model, "-t", "webgpu", "--kv-cache", "int8", "--dry-run", "-o", tmp_path / "w")
+    assert code == 2 and msg == ("Error: target webgpu cannot keep the KV cache in int8 (onnxruntime-genai quantizes "
+                                 "it on cpu and cuda only); use --kv-cache fp32")
+    code, msg = run("export", "-m", tiny_model, "--kv-cache", "int8", "--dry-run", "-o", tmp_path / "c", "--json")
+    assert code == 0, msg
+    olive = json.loads((tmp_path / "c" / "olive_config.json").read_text())
+    options = olive["passes"]["builder"]["extra_options"]
+    assert options["kv_cache_quant_scheme"] == "int8_per_tensor"
+    assert options["kv_cache_scale_file"].endswith("kv_cache_scales.json")
 
 
 def test_tampered_or_missing_file_fails_verify(bundle, tmp_path):

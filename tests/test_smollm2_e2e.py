@@ -100,3 +100,15 @@ def test_export_int4_bundle_generates_and_verifies(smollm2_run, tmp_path):
     assert result.exit_code == 0, result.output
     base, sft = json.loads(result.stdout)["parity"]["rows"]
     assert base["agreement"] > 0.6 and sft["agreement"] >= base["agreement"] - 0.05
+
+    # llama.cpp on the embedded GGUF, interleaved with the bundle: the baseline `bench` reports ratios against
+    result = CliRunner().invoke(cli, ["bench", str(bundle), "--baseline", "llamacpp", "--skip-no-lora-base",
+                                      "--scenario", "64:16", "--reps", "1", "--warmup", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    llama = [r for r in report["rows"] if r["engine"] == "llama.cpp"]
+    assert [(r["variant"], r["adapter"]) for r in llama] == [("SmolLM2-135M-Instruct.Q4_1.gguf", "base")]
+    assert llama[0]["decode_tps"] > 1 and llama[0]["prefill_tps"] > 1 and llama[0]["peak_rss_mb"] > 50
+    summary = report["summary"]["64in/16out"]
+    assert summary["x_llamacpp"] == pytest.approx(summary["ort_decode_tps"] / llama[0]["decode_tps"])
+    assert summary["prefill_x_llamacpp"] == pytest.approx(summary["ort_prefill_tps"] / llama[0]["prefill_tps"])

@@ -35,7 +35,8 @@ class Scenario:
     new_tokens: int
 
 
-DEFAULT_SCENARIOS = (Scenario("128in/128out", 128, 128), Scenario("1024in/128out", 1024, 128))
+DEFAULT_SCENARIOS = (Scenario("128in/128out", 128, 128), Scenario("1024in/128out", 1024, 128),
+                     Scenario("4096in/128out", 4096, 128))
 
 
 @dataclass
@@ -84,75 +85,107 @@ class Report:
     adapter_switch_ms: Optional[float] = None
     adapter_overhead: dict = field(default_factory=dict)  # adapter -> decode slowdown vs the no-LoRA base
     summary: dict = field(default_factory=dict)
+    kv_cache: str = "fp32"  # the bundle's KV cache element type
 
 
 def bench(bundle: Path, options: BenchOptions, progress: Callable[[str], None] = lambda _: None,
           workdir: Optional[Path] = None) -> Report:
-    """Measure the bundle and the baselines; each engine runs in its own child process."""
+    """Measure the bundle and the baselines, interleaved in one child process; memory of each apart."""
     manifest = read_manifest(bundle)
     ep = select_ep(options.ep, manifest)
     names = _adapters(options.adapters, manifest)
+    check_scenarios(bundle, options.scenarios)
     scenarios = [{"name": s.name, "ids": prompt_ids(bundle, s.prompt_tokens), "new_tokens": s.new_tokens}
                  for s in options.scenarios]
     common = {"scenarios": scenarios, "reps": options.reps, "warmup": options.warmup, "threads": options.threads}
     progress("memory read bandwidth")
     bandwidth = run_engine({"engine": "bandwidth", "threads": options.threads})[0]["gbs"]
     report = Report(str(bundle), machine(), {**asdict(options), "ep": ep}, bandwidth,
-                    {n: bytes_per_token(bundle, manifest, n, options.scenarios[0]) for n in names})
-    _measure_ort(bundle, manifest, names, scenarios, common, options, report, progress, workdir)
+                    {n: bytes_per_token(bundle, manifest, n, options.scenarios[0]) for n in names},
+                    kv_cache=(manifest.get("kv_cache") or {}).get("dtype", "fp32"))
+    engines = {"onnxruntime-genai": _ort_engine(bundle, manifest, names, options, progress, workdir)}
     if options.pytorch:
-        _measure_pytorch(manifest, names, common, options, report, progress)
+        engines["pytorch"] = _torch_engine(manifest, names)
     if options.llamacpp:
-        progress("llama.cpp")
-        result, rss = run_engine({"engine": "llama.cpp", "gguf": options.llamacpp, **common})
-        _add_rows(report, "llama.cpp", Path(options.llamacpp).name, result["samples"], ["base"], options.scenarios,
-                  peak_rss_mb=rss, disk_mb=Path(options.llamacpp).stat().st_size / 2**20)
+        engines["llama.cpp"] = {"gguf": options.llamacpp}
+    progress(f"interleaved: {', '.join(engines)} ({options.reps} reps of {len(scenarios)} scenario(s))")
+    result, _ = run_engine({"engine": "interleaved", "engines": engines, **common, "pytorch_reps": options.pytorch_reps})
+    report.adapter_load_ms, report.adapter_switch_ms = result["adapter_load_ms"], result["adapter_switch_ms"]
+    progress("peak memory of each engine alone")
+    _add_engine_rows(report, bundle, manifest, engines, result["samples"], common, options)
     report.summary, report.adapter_overhead = summarise(report)
     return report
 
 
-def _measure_ort(bundle, manifest, names, scenarios, common, options, report, progress, workdir) -> None:
-    """The bundle, and the same base without LoRA inputs, interleaved in one process; memory measured apart."""
+def _ort_engine(bundle, manifest, names, options, progress, workdir) -> dict:
+    """The bundle, and the same base without LoRA inputs (the adapter overhead's reference)."""
     variant = f"{manifest['quantization']['precision']} {manifest['target']['name']}"
     bundles, measured = {variant: str(bundle)}, {variant: names}
     if options.no_lora_base and manifest["lora_inputs"]["modules"]:
         plain = no_lora_bundle(bundle, manifest, workdir or bench_dir(bundle), progress)
         bundles[f"{variant}, no LoRA inputs"], measured[f"{variant}, no LoRA inputs"] = str(plain), ["base"]
-    progress(f"onnxruntime-genai {', '.join(bundles)}: {', '.join(names)}")
-    result, _ = run_engine({"engine": "onnxruntime-genai", "bundles": bundles, "adapters": measured, **common})
-    report.adapter_load_ms, report.adapter_switch_ms = result["adapter_load_ms"], result["adapter_switch_ms"]
-    for v, path in bundles.items():
-        # peak memory of each bundle alone: a short run of the longest scenario with its adapters loaded
-        longest = max(scenarios, key=lambda s: len(s["ids"]))
-        _, rss = run_engine({"engine": "onnxruntime-genai", "bundles": {v: path}, "adapters": {v: measured[v]},
-                             **common, "scenarios": [dict(longest, new_tokens=2)], "reps": 1, "warmup": 0})
-        for name in measured[v]:
-            adapter_mb = 0 if name == "base" else (bundle / manifest["adapters"][name]["file"]).stat().st_size / 2**20
-            _add_rows(report, "onnxruntime-genai", v, [s for s in result["samples"] if s["variant"] == v], [name],
-                      options.scenarios, peak_rss_mb=rss, disk_mb=bundle_bytes(Path(path)) / 2**20 + adapter_mb)
-    for row in report.rows:
-        if "no LoRA" not in row.variant:
-            row.bound_fraction = row.decode_tps / (report.bandwidth_gbs * 1e9 / report.bytes_per_token[row.adapter])
+    return {"bundles": bundles, "adapters": measured}
 
 
-def _measure_pytorch(manifest, names, common, options, report, progress) -> None:
+def _torch_engine(manifest, names) -> dict:
     from slmops.models import resolve_model
     from slmops.parity import adapter_sources
 
-    progress("pytorch fp32 (transformers + peft)")
     model = resolve_model(manifest["base"]["name"]).path
     sources = adapter_sources(manifest, {}) if len(names) > 1 else {}
-    result, rss = run_engine({"engine": "pytorch", "model": str(model), **common, "reps": options.pytorch_reps,
-                              "adapters": {n: str(p) for n, p in sources.items() if n in names}})
-    disk = sum(f.stat().st_size for f in Path(model).glob("*.safetensors"))
-    _add_rows(report, "pytorch", "fp32", result["samples"], names, options.scenarios, peak_rss_mb=rss,
-              disk_mb=disk / 2**20)
+    return {"model": str(model), "adapters": {n: str(p) for n, p in sources.items() if n in names}}
+
+
+def _add_engine_rows(report, bundle, manifest, engines, samples, common, options) -> None:
+    """Rows per (engine, variant, adapter), each with the peak RSS of that engine (and variant) alone: a
+    short run of the longest scenario in its own process."""
+    longest = max(common["scenarios"], key=lambda s: len(s["ids"]))
+    alone = dict(common, scenarios=[dict(longest, new_tokens=2)], reps=1, warmup=0)
+    for engine, args in engines.items():
+        parts = ([{"bundles": {v: p}, "adapters": {v: args["adapters"][v]}} for v, p in args["bundles"].items()]
+                 if engine == "onnxruntime-genai" else [args])
+        for part in parts:
+            _, rss = run_engine({"engine": "interleaved", "engines": {engine: part}, **alone})
+            for variant, adapter in _jobs(engine, part):
+                picked = [s for s in samples if s["engine"] == engine and s["variant"] == variant]
+                _add_rows(report, engine, variant, picked, [adapter], options.scenarios, peak_rss_mb=rss,
+                          disk_mb=_disk_mb(engine, part, variant, adapter, bundle, manifest))
+    for row in report.rows:
+        if row.engine == "onnxruntime-genai" and "no LoRA" not in row.variant:
+            row.bound_fraction = row.decode_tps / (report.bandwidth_gbs * 1e9 / report.bytes_per_token[row.adapter])
+
+
+def _jobs(engine: str, args: dict) -> list[tuple[str, str]]:
+    if engine == "onnxruntime-genai":
+        return [(v, n) for v, names in args["adapters"].items() for n in names]
+    if engine == "pytorch":
+        return [("fp32", n) for n in ["base", *args["adapters"]]]
+    return [(Path(args["gguf"]).name, "base")]
+
+
+def _disk_mb(engine, args, variant, adapter, bundle, manifest) -> float:
+    if engine == "onnxruntime-genai":
+        adapter_mb = 0 if adapter == "base" else (bundle / manifest["adapters"][adapter]["file"]).stat().st_size / 2**20
+        return bundle_bytes(Path(args["bundles"][variant])) / 2**20 + adapter_mb
+    if engine == "pytorch":
+        return sum(f.stat().st_size for f in Path(args["model"]).glob("*.safetensors")) / 2**20
+    return Path(args["gguf"]).stat().st_size / 2**20
+
+
+def check_scenarios(bundle: Path, scenarios) -> None:
+    """Every scenario must fit the model's context."""
+    from slmops.runtime import context_length
+
+    limit = context_length(bundle)
+    too_long = [s.name for s in scenarios if s.prompt_tokens + s.new_tokens > limit]
+    if too_long:
+        raise BundleError(f"scenario {', '.join(too_long)} is longer than the model's context of {limit} tokens; "
+                          "pass shorter --scenario PROMPT:NEW values")
 
 
 def planned_steps(options: BenchOptions, manifest: dict) -> int:
     """How many progress messages bench() will give (for a [k/N] display)."""
-    no_lora = options.no_lora_base and bool(manifest["lora_inputs"]["modules"])
-    return 2 + no_lora + options.pytorch + bool(options.llamacpp)  # +1 more if the no-LoRA base must be built
+    return 3  # bandwidth, the interleaved run, memory (+1 if the no-LoRA base must be built)
 
 
 def select_ep(requested: Optional[str], manifest: dict) -> str:
@@ -220,6 +253,7 @@ def no_lora_bundle(bundle: Path, manifest: dict, workdir: Path, progress) -> Pat
         flags = ["--int4-algo", q["int4_algo"]] if q["precision"] == "int4" else []
         if q.get("block_size"):
             flags += ["--block-size", str(q["block_size"]), "--accuracy-level", str(q["accuracy_level"])]
+        flags += ["--kv-cache", (manifest.get("kv_cache") or {}).get("dtype", "fp32")]
         run_export(["-m", manifest["base"]["name"], "-t", manifest["target"]["name"], "-p", q["precision"], *flags],
                    out, "--skip-no-lora-base to go without")
     return out
@@ -313,8 +347,9 @@ def bytes_per_token(bundle: Path, manifest: dict, adapter: str, scenario: Scenar
     """Bytes a decode step must read: the weights, the active adapter, and the KV cache at mid-generation."""
     decoder = json.loads((bundle / "genai_config.json").read_text())["model"]["decoder"]
     io_bytes = 2 if manifest["quantization"]["precision"] == "fp16" else 4
+    cache_bytes = 1 if (manifest.get("kv_cache") or {}).get("dtype") == "int8" else io_bytes
     context = scenario.prompt_tokens + scenario.new_tokens // 2
-    kv = 2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * context * io_bytes
+    kv = 2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * context * cache_bytes
     weights = weight_bytes_read(bundle / "model.onnx")
     if adapter != "base":
         weights += (bundle / manifest["adapters"][adapter]["file"]).stat().st_size
@@ -372,27 +407,33 @@ def bench_dir(bundle: Path) -> Path:
 
 
 def summarise(report: Report) -> tuple[dict, dict]:
-    """The headline numbers per scenario (ORT vs PyTorch and llama.cpp decode), and the adapter overhead:
+    """The headline numbers per scenario: the bundle's base decode and prefill speed, and their ratios against
+    each baseline (x_pytorch, x_llamacpp for decode; prefill_x_... for prefill); and the adapter overhead:
     the share of decode speed lost against the same base without LoRA inputs."""
-    def decode(engine, adapter, scenario, plain=False):
+    def row(engine, adapter, scenario, plain=False):
         rows = [r for r in report.rows if r.engine == engine and r.adapter == adapter and r.scenario == scenario
                 and ("no LoRA" in r.variant) == plain]
-        return rows[0].decode_tps if rows else None
+        return rows[0] if rows else None
 
     summary, overhead = {}, {}
     adapters = list(dict.fromkeys(r.adapter for r in report.rows if r.adapter != "base"))
     for s in dict.fromkeys(r.scenario for r in report.rows):
-        ort, torch_, llama = (decode(e, "base", s) for e in ("onnxruntime-genai", "pytorch", "llama.cpp"))
-        plain = decode("onnxruntime-genai", "base", s, plain=True)
-        entry = {"ort_decode_tps": ort}
-        if ort and torch_:
-            entry["x_pytorch"] = ort / torch_
-        if ort and llama:
-            entry["x_llamacpp"] = ort / llama
+        ort = row("onnxruntime-genai", "base", s)
+        if ort is None:
+            continue
+        entry = {"ort_decode_tps": ort.decode_tps, "ort_prefill_tps": ort.prefill_tps,
+                 "bound_fraction": ort.bound_fraction}
+        for key, engine in (("pytorch", "pytorch"), ("llamacpp", "llama.cpp")):
+            other = row(engine, "base", s)
+            if other and other.decode_tps:
+                entry[f"x_{key}"] = ort.decode_tps / other.decode_tps
+            if other and other.prefill_tps and ort.prefill_tps:
+                entry[f"prefill_x_{key}"] = ort.prefill_tps / other.prefill_tps
+        plain = row("onnxruntime-genai", "base", s, plain=True)
         if plain:
-            entry["no_lora_decode_tps"] = plain
-            measured = {name: decode("onnxruntime-genai", name, s) for name in adapters}
+            entry["no_lora_decode_tps"] = plain.decode_tps
+            measured = {name: row("onnxruntime-genai", name, s) for name in adapters}
             measured["base (empty LoRA inputs)"] = ort
-            overhead[s] = {name: 1 - tps / plain for name, tps in measured.items() if tps}
+            overhead[s] = {name: 1 - r.decode_tps / plain.decode_tps for name, r in measured.items() if r}
         summary[s] = entry
     return summary, overhead

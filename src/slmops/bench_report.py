@@ -42,7 +42,8 @@ def table(report: Report) -> str:
 def headline(report: Report) -> list[str]:
     m = report.machine
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; threads {report.options['threads']}; "
-             f"read bandwidth {report.bandwidth_gbs:.1f} GB/s"]
+             f"read bandwidth {report.bandwidth_gbs:.1f} GB/s; onnxruntime-genai "
+             f"{m['versions'].get('onnxruntime-genai')}, {report.kv_cache} KV cache"]
     for scenario, s in report.summary.items():
         if s.get("ort_decode_tps") is None:
             continue  # the base was not measured (--adapter without base)
@@ -52,6 +53,10 @@ def headline(report: Report) -> list[str]:
         if "x_llamacpp" in s:
             verdict = "ahead of" if s["x_llamacpp"] > 1.05 else "NOT clearly ahead of"
             parts.append(f"{s['x_llamacpp']:.2f}x llama.cpp ({verdict} it)")
+        if s.get("ort_prefill_tps"):
+            ratios = [f"{s[f'prefill_x_{k}']:.2f}x {name}" for k, name in (("llamacpp", "llama.cpp"), ("pytorch", "PyTorch"))
+                      if f"prefill_x_{k}" in s]
+            parts.append(f"prefill {s['ort_prefill_tps']:.0f} tok/s" + (f" ({', '.join(ratios)})" if ratios else ""))
         lines.append(f"{scenario}: " + ", ".join(parts))
     for scenario, overheads in report.adapter_overhead.items():
         shown = ", ".join(f"{name} {value:+.0%}" for name, value in overheads.items())

@@ -56,6 +56,7 @@ def new_manifest(req, adapters, modules: set[str], n_layers: int, result) -> dic
                          "block_size": q.block_size if q.precision in ("int4", "int8") else None,
                          "accuracy_level": q.accuracy_level if q.precision in ("int4", "int8") else None,
                          "lora": "float32, not quantized"},
+        "kv_cache": result.kv_cache,
         "lora_inputs": {"modules": sorted(modules), "layers": n_layers if modules else 0},
         "adapters": result.adapters,
         "merged": {name: {"folder": f"merged/{name}", "hf_folder": f"hf/{name}" if req.hf_merged else None,
@@ -141,6 +142,7 @@ def model_card(m: dict) -> str:
         f"| base model | {base['name']} ({base.get('hub_id') or base['source']}), weights sha256 `{base['sha256'][:16]}` |",
         f"| target | {t['name']} ({t['execution_provider']}) |",
         f"| quantization | {_quant_text(q)}; LoRA weights float32 |",
+        f"| KV cache | {_kv_text(m.get('kv_cache') or {})} |",
         f"| LoRA inputs | {', '.join(m['lora_inputs']['modules']) or 'none'} |",
         "",
         "## Adapters", "",
@@ -169,6 +171,13 @@ def _quant_text(q: dict) -> str:
     if q["precision"] == "int4":
         return f"int4 ({q['int4_algo']}, block {q['block_size']}, accuracy level {q['accuracy_level']})"
     return q["precision"]
+
+
+def _kv_text(kv: dict) -> str:
+    if kv.get("dtype", "fp32") == "fp32":
+        return "fp32"
+    return (f"{kv['dtype']} ({kv['scheme']}), scales in `{kv['scales']}` calibrated on {kv['texts']} texts over "
+            f"{', '.join(kv['models'])}, margin {kv['margin']}")
 
 
 def _metrics_text(metrics: dict) -> str:

@@ -1,8 +1,9 @@
 """Workarounds for measured bugs in pinned dependencies.
 
-This is the only module that knows about such bugs, with one exception: an Olive pass must be
+This is the only module that knows about such bugs, with two exceptions: an Olive pass must be
 a class of its own, so the QLoRA workaround (Olive's QLoRA ignores target_modules) lives in
-slmops.passes.qlora. Each workaround has a test in tests/test_compat.py that fails once the
+slmops.passes.qlora, and the ModelBuilder one (Olive 0.13's pass fails on onnxruntime-genai 0.15+)
+in slmops.passes.model_builder. Each workaround has a test in tests/test_compat.py that fails once the
 upstream package no longer needs it.
 """
 
@@ -59,9 +60,10 @@ _INTERRUPTS: list[int] = []  # signals honour_interrupts() caught during the cur
 def honour_interrupts() -> Iterator[None]:
     """Ctrl-C (and SIGTERM) stop the command even when a library swallows the KeyboardInterrupt.
 
-    onnxruntime-genai 0.14's model builder reads the generation config inside a bare
+    onnxruntime-genai 0.14's model builder read the generation config inside a bare
     ``except: pass``; a Ctrl-C landing there vanished and the export finished as if nothing
-    happened. The handler records the signal: raise_if_interrupted() (called before an output is
+    happened (0.18 has no bare except left, but any library code run under Olive may do the same).
+    The handler records the signal: raise_if_interrupted() (called before an output is
     published, and after Olive returns) and the end of the block raise it again.
     SIGTERM becomes an interrupt too, so a plain `kill` also removes partial output.
     """

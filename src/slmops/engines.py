@@ -1,9 +1,9 @@
 """Timed generation on each engine `slmops bench` compares, all fed the same token ids, greedy, N new tokens.
 
 onnxruntime-genai (the bundle), PyTorch (+PEFT: what users run instead), llama.cpp (what they run on
-the edge), and the machine's memory read bandwidth. `slmops bench` runs each in a child process,
-so that each peak RSS is that engine's own:
-    python -m slmops.engines '{"engine": "pytorch", "model": ..., "adapters": {...}, "scenarios": [...]}'
+the edge), and the machine's memory read bandwidth. `slmops bench` times all engines interleaved in
+one child process, and measures each engine's peak RSS alone in another:
+    python -m slmops.engines '{"engine": "interleaved", "engines": {"llama.cpp": {"gguf": ...}}, "scenarios": [...]}'
 prints one JSON object on stdout.
 """
 
@@ -14,6 +14,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 
 def sample(prompt_tokens: int, new_tokens: int, prefill_s: float, first_s: float, total_s: float) -> dict:
@@ -26,52 +27,51 @@ def sample(prompt_tokens: int, new_tokens: int, prefill_s: float, first_s: float
     }
 
 
-def onnxruntime_genai(bundles: dict, adapters: dict, scenarios: list, reps: int, warmup: int, threads: int,
-                      **_) -> dict:
-    """Bundles on onnxruntime-genai, every adapter loaded (load time each), then per scenario and repetition
-    one run of every (bundle, adapter) in turn, so slow drifts of a shared machine hit all of them alike."""
-    from slmops.runtime import Runtime
+class OrtRunner:
+    """Bundles on onnxruntime-genai, every adapter loaded once (its load time recorded)."""
 
-    runtimes = {variant: Runtime(path, threads=threads) for variant, path in bundles.items()}
-    loads = {}
-    for variant, names in adapters.items():
-        for name in names:
-            if name != "base":
-                start = time.perf_counter()
-                runtimes[variant].load_adapter(name)
-                loads[name] = (time.perf_counter() - start) * 1000
-    out = []
-    for scenario in scenarios:
-        for rep in range(warmup + reps):
-            for variant, names in adapters.items():
-                for name in names:
-                    timed = _ort_generate(runtimes[variant], scenario["ids"], scenario["new_tokens"], name)
-                    if rep >= warmup:
-                        out.append(dict(timed, variant=variant, adapter=name, scenario=scenario["name"]))
-    first = next(iter(adapters))
-    return {"samples": out, "adapter_load_ms": loads,
-            "adapter_switch_ms": _switch_ms(runtimes[first], [n for n in adapters[first] if n != "base"])}
+    engine = "onnxruntime-genai"
 
+    def __init__(self, bundles: dict, adapters: dict, threads: int, **_):
+        from slmops.runtime import Runtime
 
-def _ort_generate(runtime, ids: list[int], new_tokens: int, adapter: str) -> dict:
-    import onnxruntime_genai as og
+        self.runtimes = {variant: Runtime(path, threads=threads) for variant, path in bundles.items()}
+        self.adapters, self.loads = adapters, {}
+        for variant, names in adapters.items():
+            for name in names:
+                if name != "base":
+                    start = time.perf_counter()
+                    self.runtimes[variant].load_adapter(name)
+                    self.loads[name] = (time.perf_counter() - start) * 1000
 
-    params = og.GeneratorParams(runtime.model)
-    total_length = len(ids) + new_tokens
-    params.set_search_options(max_length=total_length, min_length=total_length, do_sample=False)
-    generator = og.Generator(runtime.model, params)
-    if adapter != "base":
-        generator.set_active_adapter(runtime.adapters, adapter)
-    start = time.perf_counter()
-    generator.append_tokens(ids)
-    prefill = time.perf_counter() - start
-    generator.generate_next_token()
-    first = time.perf_counter() - start
-    count = 1
-    while not generator.is_done():
+    def jobs(self):
+        return [(variant, name) for variant, names in self.adapters.items() for name in names]
+
+    def run(self, variant: str, adapter: str, ids: list[int], new_tokens: int) -> dict:
+        import onnxruntime_genai as og
+
+        runtime = self.runtimes[variant]
+        params = og.GeneratorParams(runtime.model)
+        total_length = len(ids) + new_tokens
+        params.set_search_options(max_length=total_length, min_length=total_length, do_sample=False)
+        generator = og.Generator(runtime.model, params)
+        if adapter != "base":
+            generator.set_active_adapter(runtime.adapters, adapter)
+        start = time.perf_counter()
+        generator.append_tokens(ids)
+        prefill = time.perf_counter() - start
         generator.generate_next_token()
-        count += 1
-    return sample(len(ids), count, prefill, first, time.perf_counter() - start)
+        first = time.perf_counter() - start
+        while not generator.is_done():
+            generator.generate_next_token()
+        total = time.perf_counter() - start
+        tokens = [int(t) for t in generator.get_sequence(0)[len(ids):]]
+        return dict(sample(len(ids), len(tokens), prefill, first, total), tokens=tokens)
+
+    def extra(self) -> dict:
+        first = next(iter(self.adapters))
+        names = [n for n in self.adapters[first] if n != "base"]
+        return {"adapter_load_ms": self.loads, "adapter_switch_ms": _switch_ms(self.runtimes[first], names)}
 
 
 def _switch_ms(runtime, adapters: list[str], rounds: int = 20):
@@ -92,71 +92,123 @@ def _switch_ms(runtime, adapters: list[str], rounds: int = 20):
     return statistics.median(times)
 
 
-def pytorch(model: str, adapters: dict, scenarios: list, reps: int, threads: int, **_) -> dict:
+class TorchRunner:
     """transformers fp32 `generate` (greedy, exactly N new tokens); adapters through PEFT, unmerged."""
-    import torch
-    from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(threads)
-    engine = base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    if adapters:
-        from peft import PeftModel
+    engine = "pytorch"
 
-        names = list(adapters)
-        engine = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0]).eval()
-        for name in names[1:]:
-            engine.load_adapter(adapters[name], adapter_name=name)
-    kwargs = dict(do_sample=False, pad_token_id=base.config.eos_token_id)
-    out = []
-    for adapter in [None, *adapters]:
-        if adapter is not None:
-            engine.set_adapter(adapter)
-        context = engine.disable_adapter() if adapter is None and adapters else contextlib.nullcontext()
-        with context, torch.no_grad():
-            for scenario in scenarios:
-                ids, new = torch.tensor([scenario["ids"]]), scenario["new_tokens"]
-                engine.generate(input_ids=ids, max_new_tokens=2, **kwargs)  # warm-up
-                for _ in range(reps):
-                    start = time.perf_counter()
-                    engine(input_ids=ids)  # prefill: one forward pass over the prompt
-                    prefill = time.perf_counter() - start
-                    start = time.perf_counter()
-                    engine.generate(input_ids=ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
-                    first = time.perf_counter() - start
-                    start = time.perf_counter()
-                    engine.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new, **kwargs)
-                    total = time.perf_counter() - start
-                    out.append(dict(sample(ids.shape[1], new, prefill, first, total),
-                                    adapter=adapter or "base", scenario=scenario["name"]))
-    return {"samples": out}
+    def __init__(self, model: str, adapters: dict, threads: int, **_):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(threads)
+        self.base = self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        self.names = list(adapters)
+        if adapters:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.base, adapters[self.names[0]], adapter_name=self.names[0]).eval()
+            for name in self.names[1:]:
+                self.model.load_adapter(adapters[name], adapter_name=name)
+        self.warm = set()
+
+    def jobs(self):
+        return [("fp32", name) for name in ["base", *self.names]]
+
+    def run(self, variant: str, adapter: str, ids: list[int], new_tokens: int) -> dict:
+        import torch
+
+        if adapter != "base":
+            self.model.set_adapter(adapter)
+        plain = adapter == "base" and self.names
+        kwargs = dict(do_sample=False, pad_token_id=self.base.config.eos_token_id)
+        with self.model.disable_adapter() if plain else contextlib.nullcontext(), torch.no_grad():
+            prompt = torch.tensor([ids])
+            if (adapter, len(ids)) not in self.warm:  # the first call of a shape pays for allocations
+                self.model.generate(input_ids=prompt, max_new_tokens=2, **kwargs)
+                self.warm.add((adapter, len(ids)))
+            start = time.perf_counter()
+            self.model(input_ids=prompt)  # prefill: one forward pass over the prompt
+            prefill = time.perf_counter() - start
+            clock = _FirstToken()
+            start = clock.start = time.perf_counter()
+            out = self.model.generate(input_ids=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                      streamer=clock, **kwargs)
+            total = time.perf_counter() - start
+        return dict(sample(len(ids), new_tokens, prefill, clock.first, total), tokens=out[0, len(ids):].tolist())
 
 
-def llamacpp(gguf: str, scenarios: list, reps: int, warmup: int, threads: int, **_) -> dict:
+class _FirstToken:
+    """A `generate` streamer that notes when the first new token arrives (its first put() is the prompt)."""
+
+    def __init__(self):
+        self.start, self.first, self._puts = 0.0, None, 0
+
+    def put(self, value) -> None:
+        self._puts += 1
+        if self._puts == 2:
+            self.first = time.perf_counter() - self.start
+
+    def end(self) -> None:
+        pass
+
+
+class LlamaCppRunner:
     """llama-cpp-python on a GGUF of the same base, fed the same token ids; greedy."""
-    from llama_cpp import Llama
 
-    context = max(len(s["ids"]) + s["new_tokens"] for s in scenarios) + 8
-    llm = Llama(model_path=gguf, n_ctx=context, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                verbose=False)
+    engine = "llama.cpp"
+
+    def __init__(self, gguf: str, scenarios: list, threads: int, **_):
+        from llama_cpp import Llama
+
+        context = max(len(s["ids"]) + s["new_tokens"] for s in scenarios) + 8
+        self.name = Path(gguf).name
+        self.llm = Llama(model_path=gguf, n_ctx=context, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                         verbose=False)
+
+    def jobs(self):
+        return [(self.name, "base")]
+
+    def run(self, variant: str, adapter: str, ids: list[int], new_tokens: int) -> dict:
+        self.llm.reset()
+        start = time.perf_counter()
+        self.llm.eval(ids)
+        prefill = time.perf_counter() - start
+        first, tokens = None, []
+        for count in range(1, new_tokens + 1):
+            tokens.append(int(self.llm.sample(temp=0.0)))
+            first = first if first is not None else time.perf_counter() - start
+            if count < new_tokens:
+                self.llm.eval([tokens[-1]])
+        return dict(sample(len(ids), new_tokens, prefill, first, time.perf_counter() - start), tokens=tokens)
+
+
+RUNNERS = {runner.engine: runner for runner in (OrtRunner, TorchRunner, LlamaCppRunner)}
+
+
+def interleaved(engines: dict, scenarios: list, reps: int, warmup: int, threads: int, pytorch_reps: int = 1,
+                **_) -> dict:
+    """Every engine loaded in this one process, then per scenario and repetition one run of each (engine,
+    variant, adapter) in turn, so slow drifts of a shared machine hit all of them alike. PyTorch, far
+    slower, runs in the first `pytorch_reps` repetitions only.
+
+    engines: engine name -> that runner's arguments (bundles/adapters, model/adapters, gguf)."""
+    runners = [RUNNERS[name](**args, scenarios=scenarios, threads=threads) for name, args in engines.items()]
     out = []
     for scenario in scenarios:
-        ids, new = scenario["ids"], scenario["new_tokens"]
         for rep in range(warmup + reps):
-            llm.reset()
-            start = time.perf_counter()
-            llm.eval(ids)
-            prefill = time.perf_counter() - start
-            first = None
-            for count in range(1, new + 1):
-                token = llm.sample(temp=0.0)
-                first = first if first is not None else time.perf_counter() - start
-                if count < new:
-                    llm.eval([token])
-            total = time.perf_counter() - start
-            if rep >= warmup:
-                out.append(dict(sample(len(ids), new, prefill, first, total), adapter="base",
-                                scenario=scenario["name"]))
-    return {"samples": out}
+            for runner in runners:
+                if runner.engine == "pytorch" and rep >= warmup + pytorch_reps:
+                    continue
+                for variant, adapter in runner.jobs():
+                    timed = runner.run(variant, adapter, scenario["ids"], scenario["new_tokens"])
+                    if rep >= warmup:
+                        out.append(dict(timed, engine=runner.engine, variant=variant, adapter=adapter,
+                                        scenario=scenario["name"]))
+    result = {"samples": out}
+    for runner in runners:
+        result.update(runner.extra() if hasattr(runner, "extra") else {})
+    return result
 
 
 def bandwidth(threads: int, size_mb: int = 512, rounds: int = 10, **_) -> dict:
@@ -187,8 +239,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-ENGINES = {"onnxruntime-genai": onnxruntime_genai, "pytorch": pytorch, "llama.cpp": llamacpp,
-           "bandwidth": bandwidth}
+ENGINES = {"interleaved": interleaved, "bandwidth": bandwidth}
 
 
 if __name__ == "__main__":

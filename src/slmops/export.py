@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Optional
 
 from slmops import bundle as bundle_mod
-from slmops import lora
-from slmops.atomic import atomic_dir, output_lock, write_file
+from slmops import kv_cache, lora
+from slmops.atomic import atomic_dir, output_lock, write_file, write_text
 from slmops.compat import olive_cwd, raise_if_interrupted
 from slmops.errors import RunError
 from slmops.models import ResolvedModel, model_fingerprint
@@ -38,11 +38,13 @@ class Target:
     adapters: bool = True  # can the runtime switch LoRA adapters on this EP?
     static_shapes: bool = False  # NPUs compile fixed shapes
     why_no_adapters: str = ""
+    quantized_kv_cache: bool = False  # does onnxruntime-genai's builder quantize the KV cache here?
+    default_kv_cache: str = "fp32"  # what `slmops bench` measured best here (README, speed table)
 
 
 TARGETS = {t.name: t for t in (
-    Target("cpu", "cpu", "CPUExecutionProvider", ("int4", "int8", "fp32")),
-    Target("cuda", "gpu", "CUDAExecutionProvider", ("int4", "fp16", "fp32")),
+    Target("cpu", "cpu", "CPUExecutionProvider", ("int4", "int8", "fp32"), quantized_kv_cache=True),
+    Target("cuda", "gpu", "CUDAExecutionProvider", ("int4", "fp16", "fp32"), quantized_kv_cache=True),
     Target("webgpu", "gpu", "WebGpuExecutionProvider", ("int4", "fp16", "fp32")),
     Target("dml", "gpu", "DmlExecutionProvider", ("int4", "fp16"), adapters=False,
            why_no_adapters="onnxruntime-genai cannot load LoRA adapters on DirectML"),
@@ -78,11 +80,13 @@ class Quantization:
     int4_algo: str = "k_quant_mixed"
     block_size: int = 32
     accuracy_level: int = 4
+    kv_cache: str = "fp32"  # one of kv_cache.KV_CACHES
 
     def describe(self) -> str:
+        cache = f", {self.kv_cache} KV cache" if self.kv_cache != "fp32" else ""
         if self.precision == "int4":
-            return f"int4 {self.int4_algo}, block {self.block_size}, accuracy level {self.accuracy_level}"
-        return self.precision + (f" k_quant, block {self.block_size}" if self.precision == "int8" else "")
+            return f"int4 {self.int4_algo}, block {self.block_size}, accuracy level {self.accuracy_level}{cache}"
+        return self.precision + (f" k_quant, block {self.block_size}" if self.precision == "int8" else "") + cache
 
 
 @dataclass
@@ -106,6 +110,7 @@ class ExportResult:
     merged: list[str] = field(default_factory=list)
     olive_configs: list[str] = field(default_factory=list)
     seconds: Optional[float] = None
+    kv_cache: dict = field(default_factory=lambda: {"dtype": "fp32"})  # and, when quantized, its calibration
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,9 +118,13 @@ class ExportResult:
 
 
 def render_export(model_path: str, target: Target, quant: Quantization, adapter_path: Optional[str] = None,
-                  lora_nodes: tuple[str, ...] = (), work_dir: str = ".") -> dict:
-    """The Olive workflow that builds the base (with LoRA inputs when adapter_path is given). Pure."""
-    builder = {"type": "ModelBuilder", "precision": "fp32" if quant.precision == "int8" else quant.precision}
+                  lora_nodes: tuple[str, ...] = (), work_dir: str = ".", kv_scales: Optional[str] = None) -> dict:
+    """The Olive workflow that builds the base (with LoRA inputs when adapter_path is given). Pure.
+
+    kv_scales: the calibrated scale file, for an int8 KV cache."""
+    builder = {"type": "SlmopsModelBuilder", "precision": "fp32" if quant.precision == "int8" else quant.precision}
+    if quant.kv_cache == "int8":
+        builder["extra_options"] = kv_cache.builder_options(Path(kv_scales or kv_cache.SCALE_FILE))
     if quant.precision == "int4":
         builder.update(int4_algo_config=quant.int4_algo, int4_block_size=quant.block_size,
                        int4_accuracy_level=quant.accuracy_level)
@@ -165,6 +174,9 @@ def check_request(req: ExportRequest) -> Checked:
     t, q = req.target, req.quant
     if q.precision not in t.precisions:
         raise RunError(f"target {t.name} does not take precision {q.precision}; use one of {', '.join(t.precisions)}")
+    if q.kv_cache != "fp32" and not t.quantized_kv_cache:
+        raise RunError(f"target {t.name} cannot keep the KV cache in {q.kv_cache} (onnxruntime-genai quantizes it on "
+                       "cpu and cuda only); use --kv-cache fp32")
     adapters = [lora.load_adapter(name, path) for name, path in req.adapters.items()]
     unknown = [name for name in req.merge if name not in req.adapters]
     if unknown:
@@ -226,10 +238,12 @@ def export(req: ExportRequest, output: Path, dry_run: bool = False, progress=Non
     with atomic_dir(output) as tmp:
         work = tmp / ".work"
         union = str(work / "lora-union") if modules else None
+        scales = str(tmp / kv_cache.SCALE_FILE) if req.quant.kv_cache != "fp32" else None
         config = render_export(str(req.model.path), req.target, req.quant, union,
-                               lora_nodes(modules, n_layers), str(work / "base"))
+                               lora_nodes(modules, n_layers), str(work / "base"), scales)
         merged_configs = {name: render_export(str(work / "merged-hf" / name), req.target, req.quant,
-                                              work_dir=str(work / f"merged-{name}")) for name in req.merge}
+                                              work_dir=str(work / f"merged-{name}"), kv_scales=scales)
+                          for name in req.merge}
         for cfg in (config, *merged_configs.values()):
             validate_with_olive(cfg, device=req.target.device, provider=req.target.provider)
         _write_json(tmp / "olive_config.json", config)
@@ -239,6 +253,12 @@ def export(req: ExportRequest, output: Path, dry_run: bool = False, progress=Non
         if dry_run:
             shutil.rmtree(work, ignore_errors=True)
             return result
+        if scales:
+            _say(progress, f"calibrating the {req.quant.kv_cache} KV cache on the base and {len(adapters)} adapter(s)")
+            calibration = kv_cache.calibrate(req.model.path, {a.name: a.path for a in adapters})
+            write_text(Path(scales), json.dumps(calibration, indent=2) + "\n")
+            result.kv_cache = {"dtype": req.quant.kv_cache, "scheme": kv_cache.SCHEME, "scales": kv_cache.SCALE_FILE,
+                               **calibration["calibration"]}
         _say(progress, f"building the {req.quant.precision} base for {req.target.name}")
         if union:
             lora.union_adapter(run_time, modules, n_layers, shapes, Path(union), str(req.model.path))
@@ -386,6 +406,22 @@ def add_adapters(bundle_dir: Path, adapters: dict[str, Path], model: ResolvedMod
         return _add_adapters(bundle_dir, adapters, model, progress)
 
 
+def _check_kv_range(bundle_dir: Path, manifest: dict, model: ResolvedModel, adapters: list[lora.Adapter]) -> None:
+    """A quantized KV cache's scales are fixed in the graph: an adapter whose K or V run past them would clip."""
+    record = manifest.get("kv_cache") or {}
+    if record.get("dtype", "fp32") == "fp32":
+        return
+    fixed = json.loads((bundle_dir / record["scales"]).read_text())["scales"]
+    for adapter in adapters:
+        needed = kv_cache.calibrate(model.path, {adapter.name: adapter.path})["scales"]
+        over = [(side, layer, need / have) for side in ("k_scales", "v_scales")
+                for layer, (need, have) in enumerate(zip(needed[side], fixed[side])) if need > have]
+        if over:
+            side, layer, ratio = max(over, key=lambda o: o[2])
+            raise RunError(f"adapter '{adapter.name}' drives layer {layer}'s {side[0].upper()} cache {ratio:.2f}x past the "
+                           f"bundle's int8 KV cache range; export a new bundle with it (or with --kv-cache fp32)")
+
+
 def _add_adapters(bundle_dir: Path, adapters: dict[str, Path], model: ResolvedModel, progress=None) -> dict:
     manifest = bundle_mod.read_manifest(bundle_dir)
     if not manifest["target"].get("adapters", True):
@@ -405,6 +441,7 @@ def _add_adapters(bundle_dir: Path, adapters: dict[str, Path], model: ResolvedMo
         _check_base(adapter, model, fingerprint)
         lora.check_fits(adapter, n_layers, shapes, model.name)
         lora.onnx_tensors(adapter, inputs, shapes)  # refuses modules the graph has no input for, before writing
+    _check_kv_range(bundle_dir, manifest, model, loaded)
     written = []
     try:
         for adapter in loaded:

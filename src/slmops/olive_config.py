@@ -271,6 +271,14 @@ SLMOPS_PASSES: dict[str, dict] = {
         "supported_algorithms": [],
         "supported_quantization_encodings": [],
     },
+    "SlmopsModelBuilder": {
+        "module_path": "slmops.passes.model_builder.SlmopsModelBuilder",
+        "supported_providers": ["*"],
+        "supported_accelerators": ["*"],
+        "supported_precisions": ["int4", "int8", "fp16", "fp32"],  # as Olive registers its ModelBuilder
+        "supported_algorithms": [],
+        "supported_quantization_encodings": [],
+    },
     "FuseLoRA": {
         "module_path": "slmops.passes.fuse_lora.FuseLoRA",
         "supported_providers": ["*"],

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slmops.errors import RecipeError
+from slmops.kv_cache import KV_CACHES
 from slmops.models import DEFAULT_MODEL
 
 Dtype = Literal["bfloat16", "float16", "float32"]
@@ -230,6 +231,8 @@ class ExportSection(Section):
         "k_quant_mixed", description="int4 method of the model builder (k_quant_mixed: some layers and lm_head in int8).")
     block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="Quantization block size.")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="MatMulNBits accuracy level (4: int8 compute).")
+    kv_cache: Optional[Literal[KV_CACHES]] = Field(
+        None, description="Element type of the KV cache (default: the target's, chosen by measurement).")
     lora_modules: Optional[list[str]] = Field(
         None, description="Modules that get LoRA inputs in the graph (default: those the adapters train).")
 

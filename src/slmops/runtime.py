@@ -114,7 +114,7 @@ class Runtime:
         self.adapters = og.Adapters(self.model)
         self._loaded: set[str] = set()
         self._lock = threading.Lock()
-        self.context_length = _context_length(model_dir)
+        self.context_length = context_length(model_dir)
         ids = self.tokenizer.eos_token_ids
         self._eos = {int(i) for i in (ids if hasattr(ids, "__iter__") else [ids])}
 
@@ -221,7 +221,7 @@ def _first_stop(text: str, stop: tuple[str, ...]) -> Optional[int]:
     return min(hits) if hits else None
 
 
-def _context_length(path: Path) -> int:
+def context_length(path: Path) -> int:
     config = json.loads((path / "genai_config.json").read_text())
     return int(config["model"].get("context_length") or config.get("search", {}).get("max_length") or 2048)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from slmops.errors import RunError
+from slmops.kv_cache import KV_CACHES
 
 
 def parse_named_paths(items: tuple[str, ...], flag: str) -> dict[str, Path]:
@@ -44,6 +45,9 @@ def parse_named_paths(items: tuple[str, ...], flag: str) -> dict[str, Path]:
               help="Quantization block size (default 32).")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
               help="MatMulNBits accuracy level (default 4: int8 compute on CPU).")
+@click.option("--kv-cache", type=click.Choice(KV_CACHES), default=None,
+              help="Element type of the KV cache: int8 calibrates per-layer scales on the base and every adapter "
+              "(default: the target's, chosen by measurement; cpu and cuda quantize it).")
 @click.option("--lora-modules", default=None, help="Comma-separated modules that get LoRA inputs "
               "(default: those the adapters train); wider lets later --into adapters fit.")
 @click.option("--merge", "merge", multiple=True, metavar="NAME", help="Also build a model with this adapter merged in.")
@@ -53,8 +57,8 @@ def parse_named_paths(items: tuple[str, ...], flag: str) -> dict[str, Path]:
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Bundle folder; must not exist.")
 @click.option("--dry-run", is_flag=True, help="Write the Olive configs and have Olive validate them, build nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def export_command(recipe, model, adapters, target, precision, int4_algo, block_size, accuracy_level, lora_modules,
-                   merge, hf_merged, into, output, dry_run, as_json) -> None:
+def export_command(recipe, model, adapters, target, precision, int4_algo, block_size, accuracy_level, kv_cache,
+                   lora_modules, merge, hf_merged, into, output, dry_run, as_json) -> None:
     """Export a base model and its adapters to an ONNX Runtime GenAI bundle, through Olive."""
     from slmops.export import TARGETS, ExportRequest, Quantization, add_adapters, export
     from slmops.finetune import latest_run
@@ -69,7 +73,8 @@ def export_command(recipe, model, adapters, target, precision, int4_algo, block_
     settings = r.export if r else ExportSection()
     model_name = model or (r.model.name if r else None)
     if into:
-        _refuse_with_into(output, target, precision, int4_algo, block_size, accuracy_level, lora_modules, merge, dry_run)
+        _refuse_with_into(output, target, precision, int4_algo, block_size, accuracy_level, kv_cache, lora_modules,
+                          merge, dry_run)
         if not named:
             raise RunError("--into needs at least one --adapter NAME=PATH to add")
     if not (into or output):
@@ -84,12 +89,13 @@ def export_command(recipe, model, adapters, target, precision, int4_algo, block_
         click.echo(json.dumps({"bundle": str(into), "adapters": list(manifest["adapters"])}, indent=2) if as_json
                    else f"Added {', '.join(named)} to {into}; adapters now: {', '.join(manifest['adapters'])}")
         return
+    chosen = TARGETS[target or settings.target]
     quant = Quantization(precision or settings.precision, int4_algo or settings.int4_algo,
                          int(block_size or settings.block_size),
-                         settings.accuracy_level if accuracy_level is None else accuracy_level)
+                         settings.accuracy_level if accuracy_level is None else accuracy_level,
+                         kv_cache or settings.kv_cache or chosen.default_kv_cache)
     modules = [m.strip() for m in lora_modules.split(",") if m.strip()] if lora_modules else settings.lora_modules
-    req = ExportRequest(resolve_model(model_name or DEFAULT_MODEL), named, TARGETS[target or settings.target], quant,
-                        modules, list(merge), hf_merged)
+    req = ExportRequest(resolve_model(model_name or DEFAULT_MODEL), named, chosen, quant, modules, list(merge), hf_merged)
     result = export(req, output, dry_run=dry_run, progress=progress)
     if as_json:
         click.echo(json.dumps(asdict(result), indent=2))
@@ -110,7 +116,7 @@ def _refuse_with_into(output, *build_options) -> None:
     if output:
         raise RunError("--into and -o conflict: --into adds to an existing bundle, -o builds a new one; pass one")
     if any(option not in (None, (), False) for option in build_options):
-        raise RunError("--into only adds adapters; the base's options (target, precision, quantization, "
+        raise RunError("--into only adds adapters; the base's options (target, precision, quantization, KV cache, "
                        "--lora-modules, --merge, --dry-run) are fixed by the bundle: drop them")
 
 
@@ -165,7 +171,8 @@ def _parity(bundle, manifest, model, adapters):
 
 
 def _parity_table(report) -> str:
-    lines = [f"parity vs PyTorch fp32 ({report.precision} bundle, {report.texts} held-out texts):",
+    lines = [f"parity vs PyTorch fp32 ({report.precision} bundle, {report.kv_cache} KV cache, {report.texts} "
+             "held-out texts):",
              f"  {'':<16} {'positions':>9} {'top-1 agree':>11} {'max |dlogit|':>12}"]
     for row in report.rows:
         lines.append(f"  {row.name:<16} {row.positions:>9} {row.agreement:>11.1%} {row.max_abs_diff:>12.2e}")
