@@ -3,7 +3,8 @@
 # two LoRA SFT adapters of SmolLM2-135M-Instruct on H4rmony (r=16 on q/k/v/o, and r=8 on q/v) and a
 # DPO adapter on hh-rlhf, all through Olive; a held-out preference evaluation of the DPO adapter;
 # one int4 CPU bundle with the three adapters (Olive's model builder + adapter extraction); verify
-# with parity against PyTorch; a reply from the base and from each adapter; `slmops bench`.
+# with parity against PyTorch; a reply from the base and from each adapter; `slmops bench` against
+# PyTorch and llama.cpp.
 # Data: $SLMOPS_DATA_DIR (default ../shared/data beside the repo).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -42,6 +43,7 @@ for line in open(sys.argv[1]):
 print()
 PY
 
-# The benchmark table: onnxruntime-genai vs PyTorch fp32 (+PEFT), per adapter, and the adapter cost.
-slmops bench "$out/bundle" --scenario 128:128 --reps 2
+# The benchmark table: onnxruntime-genai vs PyTorch fp32 (+PEFT) and llama.cpp on the same GGUF, timed
+# interleaved in one process, per adapter, with the adapter cost (the README's table adds 4096 tokens and 5 reps).
+slmops bench "$out/bundle" --baseline pytorch --baseline llamacpp --scenario 128:128 --scenario 1024:128 --reps 2
 echo "demo outputs: $out"

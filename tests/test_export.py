@@ -361,6 +361,20 @@ def test_failed_export_leaves_nothing(tiny_model, adapters, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []  # no bundle, no partial folder
 
 
+def test_a_builder_crash_is_one_line_and_leaves_nothing(tiny_model, tmp_path, monkeypatch):
+    from onnxruntime_genai.models import builder
+
+    def crash(*args, **kwargs):
+        raise ValueError("cannot reshape array of size 2592 into shape (576,newaxis)")
+
+    monkeypatch.setattr(builder, "create_model", crash)
+    code, msg = run("export", "-m", tiny_model, "-o", tmp_path / "b")
+    assert code == 2
+    assert msg.splitlines()[-1] == ("Error: Olive's build failed (ValueError: cannot reshape array of size 2592 into "
+                                    "shape (576,newaxis)); rerun with --verbose to see Olive's log")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args,message", [
     (["-a", "qv=/nonexistent"], "adapter 'qv': '/nonexistent' has no adapter_config.json; pass a PEFT adapter "
                                 "folder or an `slmops finetune` output folder"),

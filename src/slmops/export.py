@@ -308,7 +308,11 @@ def _run_olive(config: dict) -> Path:
     if logging.getLogger("slmops").isEnabledFor(logging.INFO):
         config = dict(config, log_severity_level=1)
     with library_output_to_stderr() as olive_errors, olive_cwd(Path(config["output_dir"]).parent / "cwd"):
-        olive_run(copy.deepcopy(config), package_config=package_config())  # Olive mutates the config
+        try:
+            olive_run(copy.deepcopy(config), package_config=package_config())  # Olive mutates the config
+        except Exception as exc:  # with one accelerator Olive re-raises a pass's exception instead of logging it
+            olive_errors.last = exc
+            olive_errors.fail("Olive's build failed")
     raise_if_interrupted()
     found = sorted(Path(config["output_dir"]).rglob("genai_config.json"))
     if not found:
