@@ -88,6 +88,8 @@ def test_table_and_csv_output(tiny_bundle, tmp_path):
     (["-a", "nope"], "unknown adapter(s) nope; this bundle has: base, qv"),
     (["--scenario", "128"], "--scenario '128': expected PROMPT:NEW token counts, e.g. 128:128 (NEW at least 2)"),
     (["--json", "--csv"], "--json and --csv conflict; pass one"),
+    (["--scenario", "500:16"], "scenario 500in/16out is longer than the model's context of 512 tokens; pass shorter "
+                               "--scenario PROMPT:NEW values"),
 ])
 def test_bench_refusals(tiny_bundle, args, message):
     from slmops.runtime import available_eps
@@ -115,7 +117,7 @@ def test_llamacpp_baseline_needs_the_package(tiny_bundle, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
     result = CliRunner().invoke(cli, ["bench", str(tiny_bundle), "--baseline", "llamacpp"])
-    assert result.exit_code == 2 and "needs llama-cpp-python: pip install llama-cpp-python" in result.output
+    assert result.exit_code == 2 and "needs llama-cpp-python: pip install 'slmops[llamacpp]'" in result.output
 
 
 def test_matrix_exports_and_compares(tiny_model, tmp_path):

@@ -92,7 +92,7 @@ def _bitsandbytes() -> Check:
 def _llamacpp() -> Check:
     if importlib.util.find_spec("llama_cpp") is None:
         return Check("llama-cpp-python", "warn", "not installed: `slmops bench --baseline llamacpp` will not run",
-                     "pip install llama-cpp-python (builds llama.cpp, about 5 minutes)")
+                     "pip install 'slmops[llamacpp]' (builds llama.cpp, about 5 minutes)")
     return Check("llama-cpp-python", "ok", version("llama_cpp_python"))
 
 

@@ -105,11 +105,9 @@ class TorchRunner:
         self.base = self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
         self.names = list(adapters)
         if adapters:
-            from peft import PeftModel
+            from slmops.models import with_adapters
 
-            self.model = PeftModel.from_pretrained(self.base, adapters[self.names[0]], adapter_name=self.names[0]).eval()
-            for name in self.names[1:]:
-                self.model.load_adapter(adapters[name], adapter_name=name)
+            self.model = with_adapters(self.base, adapters)
         self.warm = set()
 
     def jobs(self):

@@ -48,13 +48,10 @@ def calibrate(model_path: Path, adapter_paths: dict[str, Path], texts: list[str]
 
     observe(model)
     if adapter_paths:
-        from peft import PeftModel
+        from slmops.models import with_adapters
 
-        names = list(adapter_paths)
-        peft = PeftModel.from_pretrained(model, str(adapter_paths[names[0]]), adapter_name=names[0])
-        for name in names[1:]:
-            peft.load_adapter(str(adapter_paths[name]), adapter_name=name)
-        for name in names:
+        peft = with_adapters(model, adapter_paths)
+        for name in adapter_paths:
             peft.set_adapter(name)
             observe(peft)
     scale = lambda peaks: [max(float(p), 1e-6) * MARGIN / QMAX for p in peaks]  # noqa: E731 - a zero layer stays valid

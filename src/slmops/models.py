@@ -186,3 +186,14 @@ def _gguf_to_hf(gguf: Path, out: Path) -> None:
     plain.generation_config = loaded.generation_config
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def with_adapters(model, adapter_paths: dict):
+    """`model` wrapped in PEFT with every named adapter loaded (under its name), to switch by set_adapter."""
+    from peft import PeftModel
+
+    names = list(adapter_paths)
+    peft = PeftModel.from_pretrained(model, str(adapter_paths[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        peft.load_adapter(str(adapter_paths[name]), adapter_name=name)
+    return peft.eval()

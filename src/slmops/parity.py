@@ -3,7 +3,7 @@
 fp32 bundles: the largest absolute logit difference (must be <= 1e-3). Quantized bundles (weights or
 KV cache): top-1 agreement with PyTorch fp32 at every position of held-out text; each adapter's
 agreement must be within 5 points of the base's, so the adapter path adds no error of its own.
-The second half of every text is computed from the first half's KV cache, so a quantized cache is measured.
+After a short prompt, every text is computed from the KV cache, so a quantized cache is measured.
 """
 
 from __future__ import annotations
@@ -64,13 +64,10 @@ def check_parity(bundle: Path, manifest: dict, model_path: Path, adapter_paths: 
     report = ParityReport(precision, len(sequences), (manifest.get("kv_cache") or {}).get("dtype", "fp32"))
     report.rows.append(_compare("base", session, None, torch_model, sequences, head_size))
     if adapter_paths:
-        from peft import PeftModel
+        from slmops.models import with_adapters
 
-        names = list(adapter_paths)
-        peft_model = PeftModel.from_pretrained(torch_model, str(adapter_paths[names[0]]), adapter_name=names[0])
-        for name in names[1:]:
-            peft_model.load_adapter(str(adapter_paths[name]), adapter_name=name)
-        for name in names:
+        peft_model = with_adapters(torch_model, adapter_paths)
+        for name in adapter_paths:
             peft_model.set_adapter(name)
             if name in manifest["adapters"]:
                 lora = ort.LoraAdapter()
@@ -102,27 +99,41 @@ def _compare(name: str, session, lora, torch_model, sequences: list[list[int]], 
     if lora is not None:
         run_options.add_active_adapter(lora)
     for ids in sequences:
-        onnx_logits = _cached_logits(session, ids, head_size, run_options)
+        start, onnx_logits = _cached_logits(session, ids, head_size, run_options)
         with torch.no_grad():
-            ref = torch_model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+            ref = torch_model(input_ids=torch.tensor([ids])).logits[0, start:].float().numpy()
         max_abs = max(max_abs, float(np.abs(onnx_logits - ref).max()))
         agree += int((onnx_logits.argmax(-1) == ref.argmax(-1)).sum())
-        total += len(ids)
+        total += len(onnx_logits)
     return Parity(name, total, agree / total, max_abs)
 
 
+PROMPT_TOKENS = 8  # each text's first tokens (at most half) are the prompt; the rest is read from the KV cache
+
+
 def _cached_logits(session, ids: list[int], head_size: int, run_options):
-    """Logits at every position, the second half computed from the first half's KV cache: the cache
-    (quantized, where the bundle's is) is on the measured path, as it is when generating."""
+    """Logits of a prompt, then of the rest of the text computed from the prompt's KV cache, as when
+    generating: the cache (quantized, where the bundle's is) is on the measured path.
+
+    A graph that computes every position's logits gives them all, the rest in one call; one built
+    with prune_lm_head gives the prompt's last position, then each later token in turn.
+    Returns (first position covered, logits from there on)."""
     import numpy as np
 
-    split = len(ids) // 2
+    split = min(PROMPT_TOKENS, len(ids) // 2)
     outputs = [o.name for o in session.get_outputs()]
-    first = dict(zip(outputs, session.run(outputs, _feeds(session, ids[:split], head_size), run_options)))
-    past = {name.replace("present", "past_key_values"): value for name, value in first.items()
-            if name.startswith("present")}
-    second = session.run(["logits"], _feeds(session, ids[split:], head_size, past, split), run_options)[0]
-    return np.concatenate([first["logits"][0], second[0]]).astype(np.float32)
+    every = next(o for o in session.get_outputs() if o.name == "logits").shape[1] != 1
+    result = dict(zip(outputs, session.run(outputs, _feeds(session, ids[:split], head_size), run_options)))
+    logits = [result["logits"][0]] if every else [result["logits"][0, -1:]]
+    chunks = [ids[split:]] if every else [[t] for t in ids[split:]]
+    offset = split
+    for chunk in chunks:
+        past = {name.replace("present", "past_key_values"): value for name, value in result.items()
+                if name.startswith("present")}
+        result = dict(zip(outputs, session.run(outputs, _feeds(session, chunk, head_size, past, offset), run_options)))
+        logits.append(result["logits"][0])
+        offset += len(chunk)
+    return (0 if every else split - 1), np.concatenate(logits).astype(np.float32)
 
 
 def _feeds(session, ids: list[int], head_size: int, past: Optional[dict] = None, offset: int = 0) -> dict:

@@ -1,4 +1,4 @@
-"""`slmops bench`: measure a bundle against PyTorch, llama.cpp and the memory bound."""
+"""`slmops bench`: measure a bundle against PyTorch, llama.cpp and the memory bound, timed interleaved."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def parse_scenario(text: str):
               default=None, help="Execution provider to measure on (default: the bundle's target). Never falls back.")
 @click.option("-a", "--adapter", "adapters", multiple=True, help="Adapters to measure ('base' for none; default all).")
 @click.option("--scenario", "scenarios", multiple=True, metavar="PROMPT:NEW",
-              help="Prompt and generated token counts (default 128:128 and 1024:128).")
+              help="Prompt and generated token counts (default 128:128, 1024:128 and 4096:128).")
 @click.option("--reps", type=click.IntRange(1), default=3, show_default=True, help="Measured runs per row.")
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="Threads (default: all cores).")
@@ -136,7 +136,7 @@ def _gguf(gguf: Path | None, manifest: dict) -> Path:
     import importlib.util
 
     if importlib.util.find_spec("llama_cpp") is None:
-        raise RunError("--baseline llamacpp needs llama-cpp-python: pip install llama-cpp-python "
+        raise RunError("--baseline llamacpp needs llama-cpp-python: pip install 'slmops[llamacpp]' "
                        "(it builds llama.cpp from source, about 5 minutes)")
     if gguf is not None:
         if not gguf.is_file():
