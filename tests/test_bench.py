@@ -148,3 +148,12 @@ def test_matrix_refusals(tiny_bundle, args, message):
     args = [str(tiny_bundle) if a == "BUNDLE" else a for a in args]
     result = CliRunner().invoke(cli, ["bench", *args])
     assert (result.exit_code, result.output.strip()) == (2, f"Error: {message}")
+
+
+def test_default_scenarios_longer_than_the_context_are_skipped(tiny_bundle, tmp_path):
+    result = CliRunner().invoke(cli, ["bench", str(tiny_bundle), "--reps", "1", "--warmup", "0", "--baseline", "none",
+                                      "--skip-no-lora-base", "-a", "base", "-o", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert "skipping scenario 1024in/128out: longer than the model's context of 512 tokens" in result.stderr
+    report = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert {r["scenario"] for r in report["rows"]} == {"128in/128out"}

@@ -1,8 +1,8 @@
 """Measure a bundle: per execution provider, adapter and prompt length, against PyTorch, llama.cpp and the memory bound.
 
 Every engine gets the same token ids (a fixed text cut to N tokens) and generates exactly M new
-tokens, greedily. onnxruntime-genai runs in this process; the baselines run in child processes
-so that each peak RSS is that engine's own.
+tokens, greedily. All engines are timed in one child process, taking turns (slmops.engines.interleaved);
+each engine's peak RSS is measured alone, in a process of its own.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def bench(bundle: Path, options: BenchOptions, progress: Callable[[str], None] =
     manifest = read_manifest(bundle)
     ep = select_ep(options.ep, manifest)
     names = _adapters(options.adapters, manifest)
-    check_scenarios(bundle, options.scenarios)
+    options.scenarios = fitting_scenarios(bundle, options.scenarios, progress)
     scenarios = [{"name": s.name, "ids": prompt_ids(bundle, s.prompt_tokens), "new_tokens": s.new_tokens}
                  for s in options.scenarios]
     common = {"scenarios": scenarios, "reps": options.reps, "warmup": options.warmup, "threads": options.threads}
@@ -172,15 +172,22 @@ def _disk_mb(engine, args, variant, adapter, bundle, manifest) -> float:
     return Path(args["gguf"]).stat().st_size / 2**20
 
 
-def check_scenarios(bundle: Path, scenarios) -> None:
-    """Every scenario must fit the model's context."""
+def fitting_scenarios(bundle: Path, scenarios, progress) -> tuple[Scenario, ...]:
+    """The scenarios that fit the model's context: a default one that does not is dropped (said), one asked for
+    is refused."""
     from slmops.runtime import context_length
 
     limit = context_length(bundle)
-    too_long = [s.name for s in scenarios if s.prompt_tokens + s.new_tokens > limit]
-    if too_long:
-        raise BundleError(f"scenario {', '.join(too_long)} is longer than the model's context of {limit} tokens; "
-                          "pass shorter --scenario PROMPT:NEW values")
+    too_long = [s for s in scenarios if s.prompt_tokens + s.new_tokens > limit]
+    if too_long and scenarios is not DEFAULT_SCENARIOS:
+        raise BundleError(f"scenario {', '.join(s.name for s in too_long)} is longer than the model's context of "
+                          f"{limit} tokens; pass shorter --scenario PROMPT:NEW values")
+    for s in too_long:
+        progress(f"skipping scenario {s.name}: longer than the model's context of {limit} tokens")
+    fitting = tuple(s for s in scenarios if s not in too_long)
+    if not fitting:
+        raise BundleError(f"no default scenario fits the model's context of {limit} tokens; pass --scenario PROMPT:NEW")
+    return fitting
 
 
 def planned_steps(options: BenchOptions, manifest: dict) -> int:

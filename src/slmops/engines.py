@@ -126,7 +126,7 @@ class TorchRunner:
                 self.model.generate(input_ids=prompt, max_new_tokens=2, **kwargs)
                 self.warm.add((adapter, len(ids)))
             start = time.perf_counter()
-            self.model(input_ids=prompt)  # prefill: one forward pass over the prompt
+            self.model(input_ids=prompt, logits_to_keep=1)  # prefill: the prompt, last position's logits (as ORT, llama.cpp)
             prefill = time.perf_counter() - start
             clock = _FirstToken()
             start = clock.start = time.perf_counter()

@@ -423,8 +423,10 @@ def _check_kv_range(bundle_dir: Path, manifest: dict, model: ResolvedModel, adap
     fixed = json.loads((bundle_dir / record["scales"]).read_text())["scales"]
     for adapter in adapters:
         needed = kv_cache.calibrate(model.path, {adapter.name: adapter.path})["scales"]
-        over = [(side, layer, need / have) for side in ("k_scales", "v_scales")
-                for layer, (need, have) in enumerate(zip(needed[side], fixed[side])) if need > have]
+        # both carry the margin: a peak clips once it passes the old peak x margin, i.e. scale x 127
+        over = [(side, layer, need / (have * kv_cache.MARGIN * 127 / kv_cache.QMAX)) for side in ("k_scales", "v_scales")
+                for layer, (need, have) in enumerate(zip(needed[side], fixed[side]))
+                if need > have * kv_cache.MARGIN * 127 / kv_cache.QMAX]
         if over:
             side, layer, ratio = max(over, key=lambda o: o[2])
             raise RunError(f"adapter '{adapter.name}' drives layer {layer}'s {side[0].upper()} cache {ratio:.2f}x past the "

@@ -13,6 +13,8 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from slmops.errors import RunError
+
 KV_CACHES = ("fp32", "int8")  # --kv-cache / export.kv_cache: the cache's element type
 SCHEME = "int8_per_tensor"  # the builder's name for one int8 scale per layer and side
 QMAX = 128  # int8: a scale is threshold / 128 (the builder rescales by the file's qmax)
@@ -41,8 +43,11 @@ def calibrate(model_path: Path, adapter_paths: dict[str, Path], texts: list[str]
     def observe(m) -> None:
         with torch.no_grad():
             for ids in batches:
-                cache = m(input_ids=ids, use_cache=True).past_key_values
-                for i, layer in enumerate(cache.layers):
+                layers = getattr(m(input_ids=ids, use_cache=True).past_key_values, "layers", None)
+                if not layers or len(layers) != len(k_max) or not hasattr(layers[0], "keys"):
+                    raise RunError(f"{model.config.model_type} keeps its KV cache in a layout slmops cannot calibrate "
+                                   "(one K/V pair per layer); export it with --kv-cache fp32")
+                for i, layer in enumerate(layers):
                     k_max[i] = max(k_max[i], layer.keys.abs().max())
                     v_max[i] = max(v_max[i], layer.values.abs().max())
 
