@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from slmops.bundle import BundleError, read_manifest
+from slmops.engines import jobs
 from slmops.runtime import EPS, available_eps
 
 TEXT = (
@@ -146,21 +147,13 @@ def _add_engine_rows(report, bundle, manifest, engines, samples, common, options
                  if engine == "onnxruntime-genai" else [args])
         for part in parts:
             _, rss = run_engine({"engine": "interleaved", "engines": {engine: part}, **alone})
-            for variant, adapter in _jobs(engine, part):
+            for variant, adapter in jobs(engine, part):
                 picked = [s for s in samples if s["engine"] == engine and s["variant"] == variant]
                 _add_rows(report, engine, variant, picked, [adapter], options.scenarios, peak_rss_mb=rss,
                           disk_mb=_disk_mb(engine, part, variant, adapter, bundle, manifest))
     for row in report.rows:
         if row.engine == "onnxruntime-genai" and "no LoRA" not in row.variant:
             row.bound_fraction = row.decode_tps / (report.bandwidth_gbs * 1e9 / report.bytes_per_token[row.adapter])
-
-
-def _jobs(engine: str, args: dict) -> list[tuple[str, str]]:
-    if engine == "onnxruntime-genai":
-        return [(v, n) for v, names in args["adapters"].items() for n in names]
-    if engine == "pytorch":
-        return [("fp32", n) for n in ["base", *args["adapters"]]]
-    return [(Path(args["gguf"]).name, "base")]
 
 
 def _disk_mb(engine, args, variant, adapter, bundle, manifest) -> float:

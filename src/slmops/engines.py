@@ -45,7 +45,7 @@ class OrtRunner:
                     self.loads[name] = (time.perf_counter() - start) * 1000
 
     def jobs(self):
-        return [(variant, name) for variant, names in self.adapters.items() for name in names]
+        return jobs(self.engine, {"adapters": self.adapters})
 
     def run(self, variant: str, adapter: str, ids: list[int], new_tokens: int) -> dict:
         import onnxruntime_genai as og
@@ -111,7 +111,7 @@ class TorchRunner:
         self.warm = set()
 
     def jobs(self):
-        return [("fp32", name) for name in ["base", *self.names]]
+        return jobs(self.engine, {"adapters": self.names})
 
     def run(self, variant: str, adapter: str, ids: list[int], new_tokens: int) -> dict:
         import torch
@@ -160,12 +160,12 @@ class LlamaCppRunner:
         from llama_cpp import Llama
 
         context = max(len(s["ids"]) + s["new_tokens"] for s in scenarios) + 8
-        self.name = Path(gguf).name
+        self.name = gguf
         self.llm = Llama(model_path=gguf, n_ctx=context, n_threads=threads, n_threads_batch=threads, n_batch=512,
                          verbose=False)
 
     def jobs(self):
-        return [(self.name, "base")]
+        return jobs(self.engine, {"gguf": self.name})
 
     def run(self, variant: str, adapter: str, ids: list[int], new_tokens: int) -> dict:
         self.llm.reset()
@@ -182,6 +182,15 @@ class LlamaCppRunner:
 
 
 RUNNERS = {runner.engine: runner for runner in (OrtRunner, TorchRunner, LlamaCppRunner)}
+
+
+def jobs(engine: str, args: dict) -> list[tuple[str, str]]:
+    """The (variant, adapter) pairs an engine runs, from its runner's arguments."""
+    if engine == "onnxruntime-genai":
+        return [(variant, name) for variant, names in args["adapters"].items() for name in names]
+    if engine == "pytorch":
+        return [("fp32", name) for name in ["base", *args["adapters"]]]
+    return [(Path(args["gguf"]).name, "base")]
 
 
 def interleaved(engines: dict, scenarios: list, reps: int, warmup: int, threads: int, pytorch_reps: int = 1,
