@@ -140,7 +140,7 @@ def test_matrix_exports_and_compares(tiny_model, tmp_path):
     (["--matrix", "BUNDLE"], "--matrix builds its own bundles: drop the BUNDLE argument"),
     (["--matrix"], "--matrix needs --recipe R or --model M (and --adapter NAME=PATH for adapters)"),
     (["--matrix", "-m", "x", "--precisions", "int3,int4:best"], "--precisions int3, int4:best: choose from int4, "
-     "int8, fp16, fp32, or int4:METHOD with METHOD one of default, rtn, rtn_last, k_quant, k_quant_mixed, "
+     "int8, fp16, fp32, or int4:METHOD with METHOD one of auto, gguf, default, rtn, rtn_last, k_quant, k_quant_mixed, "
      "k_quant_last"),
     ([], "no bundle: pass the folder `slmops export -o` wrote (or --matrix with --recipe)"),
 ])

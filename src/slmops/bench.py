@@ -287,7 +287,7 @@ class MatrixRow:
     target: str
     precision: str
     adapter: str
-    agreement: Optional[float]  # teacher-forced top-1 agreement with PyTorch fp32 (slmops.parity)
+    agreement: Optional[float]  # top-1 agreement with PyTorch fp32 (slmops.parity)
     decode_tps: float
     prefill_tps: Optional[float]
     ttft_ms: float
@@ -295,6 +295,7 @@ class MatrixRow:
     disk_mb: Optional[float]
     peak_rss_mb: Optional[float]
     bundle: str
+    kl_mean: Optional[float] = None  # KL(PyTorch || bundle) of the next token, nats (slmops.parity)
 
 
 def matrix(model: str, adapters: dict[str, Path], precisions: list[str], options: BenchOptions, out: Path,
@@ -325,12 +326,14 @@ def matrix(model: str, adapters: dict[str, Path], precisions: list[str], options
         progress(f"parity {target} {precision}")
         parity = check_parity(bundle, manifest, resolve_model(model).path, adapter_sources(manifest, {}))
         agreement = {r.name: r.agreement for r in parity.rows}
+        kl = {r.name: r.kl_mean for r in parity.rows}
         torch_tps.update({r.adapter: r.decode_tps for r in report.rows if r.engine == "pytorch"})
         for r in report.rows:
             if r.engine == "onnxruntime-genai":
                 x = r.decode_tps / torch_tps[r.adapter] if torch_tps.get(r.adapter) else None
                 rows.append(MatrixRow(target, precision.replace(":", " "), r.adapter, agreement.get(r.adapter), r.decode_tps,
-                                      r.prefill_tps, r.ttft_ms, x, r.disk_mb, r.peak_rss_mb, str(bundle)))
+                                      r.prefill_tps, r.ttft_ms, x, r.disk_mb, r.peak_rss_mb, str(bundle),
+                                      kl.get(r.adapter)))
     return rows
 
 

@@ -153,7 +153,8 @@ def write_reports(report: Report, folder: Path) -> list[Path]:
 
 
 MATRIX_COLUMNS = [("target", "target", "{}"), ("precision", "precision", "{}"), ("adapter", "adapter", "{}"),
-                  ("agreement", "agreement", "{:.1%}"), ("decode tok/s", "decode_tps", "{:.1f}"),
+                  ("agreement", "agreement", "{:.1%}"), ("KL mean", "kl_mean", "{:.4f}"),
+                  ("decode tok/s", "decode_tps", "{:.1f}"),
                   ("x PyTorch", "x_pytorch", "{:.1f}x"), ("prefill tok/s", "prefill_tps", "{:.0f}"),
                   ("TTFT ms", "ttft_ms", "{:.0f}"), ("disk MB", "disk_mb", "{:.0f}"),
                   ("peak RSS MB", "peak_rss_mb", "{:.0f}")]

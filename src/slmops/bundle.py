@@ -158,6 +158,8 @@ def model_card(m: dict) -> str:
         lines += ["", "## Merged variants", ""] + [f"- `{v['folder']}`: base with {n} merged in"
                                                     + (f"; HF weights in `{v['hf_folder']}`" if v.get("hf_folder") else "")
                                                     for n, v in m["merged"].items()]
+    if m.get("precision_search"):
+        lines += _search_lines(m["precision_search"])
     first = next(iter(m["adapters"]), None)
     lines += ["", "## Use", "", "```", "slmops generate BUNDLE --prompt 'Hello'"]
     if first:
@@ -165,6 +167,24 @@ def model_card(m: dict) -> str:
     lines += ["slmops verify BUNDLE --parity", "```", "",
               "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v), ""]
     return "\n".join(lines)
+
+
+def _search_lines(search: dict) -> list[str]:
+    """`--precision auto`'s candidates: what each measured, and which was kept."""
+    lines = ["", "## Precision, chosen by measurement", "",
+             f"The fastest candidate whose top-1 agreement with PyTorch fp32 reached {search['min_agreement']:.0%} on the "
+             f"base and every adapter (texts: {search['texts']}).", "",
+             "| candidate | quantization | top-1 agreement | KL mean | decode tok/s | weights MB | status |",
+             "|---|---|---|---|---|---|---|"]
+    for c in search["candidates"]:
+        agreement = ", ".join(f"{k} {v:.1%}" for k, v in c["agreement"].items()) or "-"
+        lines.append(f"| {c['name']} | {c['quantization'] or '-'} | {agreement} | {_or_dash(c['kl_mean'])} | "
+                     f"{_or_dash(c['decode_tps'])} | {_or_dash(c['size_mb'])} | {c['status']} |")
+    return lines
+
+
+def _or_dash(value) -> str:
+    return "-" if value is None else f"{value:g}"
 
 
 def _quant_text(q: dict) -> str:

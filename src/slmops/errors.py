@@ -9,6 +9,14 @@ from typing import Optional
 class SlmopsError(Exception):
     """A problem the user can fix. The message names the problem and the fix, on one line."""
 
+    exit_code = 2
+
+
+class CheckFailed(SlmopsError):
+    """A check ran and its result is below the bar (parity, --min-agreement): exit 1, like a failing test."""
+
+    exit_code = 1
+
 
 class RecipeError(SlmopsError):
     """The recipe (file, flags or --set overrides) is not valid."""

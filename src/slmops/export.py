@@ -14,7 +14,7 @@ import copy
 import json
 import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +23,8 @@ from slmops import kv_cache, lora
 from slmops.atomic import atomic_dir, output_lock, write_file, write_text
 from slmops.compat import olive_cwd, raise_if_interrupted
 from slmops.errors import RunError
+from slmops.gguf_grid import BLOCK_SIZES
+from slmops.precisions import FALLBACK_INT4_ALGO
 from slmops.models import ResolvedModel, model_fingerprint
 from slmops.olive_config import workflow
 
@@ -77,15 +79,18 @@ def target_limits(target: Target) -> list[str]:
 @dataclass(frozen=True)
 class Quantization:
     precision: str = "int4"
-    int4_algo: str = "k_quant_mixed"
-    block_size: int = 32
+    int4_algo: str = "auto"
+    block_size: Optional[int] = None  # None: the method's default (resolve_quantization)
     accuracy_level: int = 4
     kv_cache: str = "fp32"  # one of kv_cache.KV_CACHES
+    float_layers: tuple[int, ...] = ()  # gguf: decoder layers whose MatMuls stay fp32 (the most sensitive)
 
     def describe(self) -> str:
         cache = f", {self.kv_cache} KV cache" if self.kv_cache != "fp32" else ""
         if self.precision == "int4":
-            return f"int4 {self.int4_algo}, block {self.block_size}, accuracy level {self.accuracy_level}{cache}"
+            floats = f", layers {','.join(map(str, self.float_layers))} fp32" if self.float_layers else ""
+            return (f"int4 {self.int4_algo}, block {self.block_size}, accuracy level {self.accuracy_level}"
+                    f"{floats}{cache}")
         return self.precision + (f" k_quant, block {self.block_size}" if self.precision == "int8" else "") + cache
 
 
@@ -111,6 +116,7 @@ class ExportResult:
     olive_configs: list[str] = field(default_factory=list)
     seconds: Optional[float] = None
     kv_cache: dict = field(default_factory=lambda: {"dtype": "fp32"})  # and, when quantized, its calibration
+    precision_search: Optional[dict] = None  # --precision auto: every candidate measured (slmops.precision_search)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +128,9 @@ def render_export(model_path: str, target: Target, quant: Quantization, adapter_
     """The Olive workflow that builds the base (with LoRA inputs when adapter_path is given). Pure.
 
     kv_scales: the calibrated scale file, for an int8 KV cache."""
-    builder = {"type": "SlmopsModelBuilder", "precision": "fp32" if quant.precision == "int8" else quant.precision}
+    gguf = quant.precision == "int4" and quant.int4_algo == "gguf"
+    builder = {"type": "SlmopsModelBuilder",
+               "precision": "fp32" if quant.precision == "int8" or gguf else quant.precision}
     options = {} if target.static_shapes else {"prune_lm_head": True}  # StaticLLM expects every position's logits
     if quant.kv_cache == "int8":
         options.update(kv_cache.builder_options(Path(kv_scales or kv_cache.SCALE_FILE)))
@@ -130,7 +138,7 @@ def render_export(model_path: str, target: Target, quant: Quantization, adapter_
         # prune_lm_head: prefill computes the last position's logits only, as llama.cpp does: measured +16-19%
         # prefill at 1024-4096 tokens, and no [tokens x vocab] logits tensor (800 MB at 4096 tokens on SmolLM2)
         builder["extra_options"] = options
-    if quant.precision == "int4":
+    if quant.precision == "int4" and not gguf:
         builder.update(int4_algo_config=quant.int4_algo, int4_block_size=quant.block_size,
                        int4_accuracy_level=quant.accuracy_level)
         if lora_nodes:
@@ -147,6 +155,10 @@ def render_export(model_path: str, target: Target, quant: Quantization, adapter_
     if adapter_path:
         # One base MatMul and one LoRA pair per q/k/v (gate/up) group: fewer tiny decode kernels.
         passes["fuse_lora"] = {"type": "FuseLoRA", **external}
+    if gguf:  # after FuseLoRA, which packs fp32 MatMuls; the LoRA MatMuls stay float
+        passes["gguf"] = {"type": "GgufBlocks", "block_size": quant.block_size,
+                          "accuracy_level": quant.accuracy_level, "float_layers": list(quant.float_layers), **external}
+    if adapter_path:
         passes["adapters"] = {"type": "ExtractAdapters", "make_inputs": True, "dynamic_lora_r": True,
                               "save_format": "onnx_adapter", **external}
     if target.static_shapes:
@@ -182,6 +194,7 @@ def check_request(req: ExportRequest) -> Checked:
     if q.kv_cache != "fp32" and not t.quantized_kv_cache:
         raise RunError(f"target {t.name} cannot keep the KV cache in {q.kv_cache} (onnxruntime-genai quantizes it on "
                        "cpu and cuda only); use --kv-cache fp32")
+    _check_int4_algo(req)
     adapters = [lora.load_adapter(name, path) for name, path in req.adapters.items()]
     unknown = [name for name in req.merge if name not in req.adapters]
     if unknown:
@@ -204,6 +217,47 @@ def check_request(req: ExportRequest) -> Checked:
         raise RunError(f"--lora-modules {', '.join(bad)} is not a linear layer the exporter handles; "
                        f"choose from {', '.join(lora.MODULES)}")
     return Checked(adapters, n_layers, shapes)
+
+
+GGUF_DEFAULT_BLOCK = 16  # activations quantized per 16 values: +2-4 points of agreement for -20% decode (README)
+GGUF_TARGETS = ("cpu", "cuda")  # where MatMulNBits takes zero points and the block-sum MatMul runs as measured
+
+
+def resolve_quantization(quant: Quantization, model_path: Path, target: Target) -> Quantization:
+    """int4 "auto": the source's own GGUF blocks where its weights are on such a grid (exact, README
+    precision table), else the builder's k_quant_mixed."""
+    from slmops.gguf_grid import on_grid
+
+    if quant.precision == "int4" and quant.int4_algo == "auto":
+        gguf = target.name in GGUF_TARGETS and quant.block_size in (None, *BLOCK_SIZES) and on_grid(model_path)
+        quant = replace(quant, int4_algo="gguf" if gguf else FALLBACK_INT4_ALGO)
+    if quant.block_size is None:
+        gguf = quant.precision == "int4" and quant.int4_algo == "gguf"
+        quant = replace(quant, block_size=GGUF_DEFAULT_BLOCK if gguf else 32)
+    return quant
+
+
+def _check_int4_algo(req: ExportRequest) -> None:
+    from slmops.gguf_grid import on_grid
+
+    q = req.quant
+    if q.float_layers and not (q.precision == "int4" and q.int4_algo == "gguf"):
+        raise RunError("--float-layers applies to --int4-algo gguf only; drop it or choose gguf")
+    if q.precision != "int4" or q.int4_algo != "gguf":
+        return
+    if req.target.name not in GGUF_TARGETS:
+        raise RunError(f"--int4-algo gguf builds for {', '.join(GGUF_TARGETS)}, not {req.target.name}; "
+                       f"use --int4-algo {FALLBACK_INT4_ALGO}")
+    if q.block_size not in BLOCK_SIZES:
+        raise RunError(f"--int4-algo gguf keeps blocks of 32, which block size {q.block_size} cannot hold; "
+                       f"use --block-size {' or '.join(map(str, BLOCK_SIZES))}")
+    if not on_grid(req.model.path):
+        raise RunError(f"--int4-algo gguf needs weights dequantized from a GGUF (Q4_0/Q4_1 blocks of 32), and "
+                       f"{req.model.name}'s are not; use --int4-algo {FALLBACK_INT4_ALGO}")
+    n_layers = lora.base_shapes(req.model.path)[0]
+    bad = [layer for layer in q.float_layers if not 0 <= layer < n_layers]
+    if bad:
+        raise RunError(f"--float-layers {', '.join(map(str, bad))}: {req.model.name} has layers 0-{n_layers - 1}")
 
 
 def _check_base(adapter: lora.Adapter, model: ResolvedModel, fingerprint: str) -> None:
@@ -233,6 +287,7 @@ def export(req: ExportRequest, output: Path, dry_run: bool = False, progress=Non
     from slmops.olive_config import validate_with_olive
 
     start = time.monotonic()
+    req = replace(req, quant=resolve_quantization(req.quant, req.model.path, req.target))
     checked = check_request(req)
     for limit in target_limits(req.target):  # after the refusals, so a refused request stays one line
         _say(progress, f"note: target {req.target.name}: {limit}")

@@ -279,6 +279,14 @@ SLMOPS_PASSES: dict[str, dict] = {
         "supported_algorithms": [],
         "supported_quantization_encodings": [],
     },
+    "GgufBlocks": {
+        "module_path": "slmops.passes.gguf_blocks.GgufBlocks",
+        "supported_providers": ["*"],
+        "supported_accelerators": ["*"],
+        "supported_precisions": ["*"],
+        "supported_algorithms": [],
+        "supported_quantization_encodings": [],
+    },
     "FuseLoRA": {
         "module_path": "slmops.passes.fuse_lora.FuseLoRA",
         "supported_providers": ["*"],

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from slmops.errors import RecipeError
 from slmops.kv_cache import KV_CACHES
+from slmops.precisions import INT4_ALGOS, PRECISION_CHOICES
 from slmops.models import DEFAULT_MODEL
 
 Dtype = Literal["bfloat16", "float16", "float32"]
@@ -226,10 +227,19 @@ class SystemSection(Section):
 class ExportSection(Section):
     target: Literal["cpu", "cuda", "dml", "webgpu", "qnn", "openvino", "vitisai"] = Field(
         "cpu", description="Hardware the bundle is built for.")
-    precision: Literal["int4", "int8", "fp16", "fp32"] = Field("int4", description="Precision of the base weights.")
-    int4_algo: Literal["default", "rtn", "rtn_last", "k_quant", "k_quant_mixed", "k_quant_last"] = Field(
-        "k_quant_mixed", description="int4 method of the model builder (k_quant_mixed: some layers and lm_head in int8).")
-    block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="Quantization block size.")
+    precision: Literal[PRECISION_CHOICES] = Field(
+        "int4", description="Precision of the base weights; auto: the fastest candidate that meets min_agreement.")
+    min_agreement: Optional[float] = Field(
+        None, ge=0, le=1, description="precision auto: the top-1 agreement with PyTorch fp32 every row must reach "
+        "(default 0.9).")
+    int4_algo: Literal[INT4_ALGOS] = Field(
+        "auto", description="int4 method: gguf keeps a GGUF-quantized source's blocks exactly; the model builder's "
+        "k_quant_mixed puts some layers and lm_head in int8; auto: gguf where the weights are on a GGUF grid, else "
+        "k_quant_mixed.")
+    float_layers: list[int] = Field(
+        default_factory=list, description="int4 gguf: decoder layers kept in fp32 (the most sensitive ones).")
+    block_size: Optional[Literal[16, 32, 64, 128, 256]] = Field(
+        None, description="Quantization block size (default: 16 for int4 gguf, 32 otherwise).")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="MatMulNBits accuracy level (4: int8 compute).")
     kv_cache: Optional[Literal[KV_CACHES]] = Field(
         None, description="Element type of the KV cache (default: the target's, chosen by measurement).")

@@ -1,4 +1,4 @@
-"""The `slmops` command line: a thin skin over the library. Errors become one line and exit 2."""
+"""The `slmops` command line: a thin skin over the library. Errors become one line and exit 2 (a failed check: 1)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ class SlmopsGroup(click.Group):
             with honour_interrupts():
                 return super().invoke(ctx)
         except SlmopsError as exc:
-            raise UserError(str(exc)) from None
+            error = UserError(str(exc))
+            error.exit_code = exc.exit_code
+            raise error from None
         except KeyboardInterrupt:
             click.echo("\nInterrupted: partial output removed (a fine-tune keeps its last checkpoint for "
                        "--resume).", err=True)

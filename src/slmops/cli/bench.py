@@ -107,9 +107,8 @@ def _matrix(bundle, recipe, model, adapters, precisions, scenarios, reps, warmup
     named = parse_named_paths(adapters, "--adapter")
     if r and not named:
         named = {r.name: latest_run(r.name)}
-    from slmops.recipe import ExportSection
+    from slmops.precisions import INT4_ALGOS as algos
 
-    algos = ExportSection.model_fields["int4_algo"].annotation.__args__
     known = {"int4", "int8", "fp16", "fp32", *(f"int4:{a}" for a in algos)}
     wanted = [p.strip() for p in precisions.split(",") if p.strip()]
     bad = [p for p in wanted if p not in known]
