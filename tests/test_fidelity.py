@@ -105,7 +105,7 @@ def test_gguf_blocks_refuse_a_model_on_no_grid():
 
 
 def test_default_export_keeps_a_gguf_sources_blocks(gguf_model, tiny_model, tmp_path):
-    """int4 auto: gguf blocks (block 16) for the snapped model, k_quant_mixed for the random one; at
+    """int4 auto: gguf blocks for the snapped model, k_quant_mixed for the random one; at
     accuracy level 1 the gguf bundle matches PyTorch to fp32 rounding, base and adapter."""
     from slmops.bundle import read_manifest
     from slmops.parity import adapter_sources, check_parity
@@ -116,9 +116,9 @@ def test_default_export_keeps_a_gguf_sources_blocks(gguf_model, tiny_model, tmp_
     out = tmp_path / "b"
     result = runner.invoke(cli, ["export", "-m", str(gguf_model), "-a", f"qv={adapter}", "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert "int4 gguf, block 16, accuracy level 4" in result.output
+    assert "int4 gguf, block 32, accuracy level 4" in result.output
     q = read_manifest(out)["quantization"]
-    assert (q["int4_algo"], q["block_size"]) == ("gguf", 16)
+    assert (q["int4_algo"], q["block_size"]) == ("gguf", 32)
     exact = tmp_path / "exact"
     result = runner.invoke(cli, ["export", "-m", str(gguf_model), "-a", f"qv={adapter}", "--accuracy-level", "1",
                                  "-o", str(exact)])

@@ -80,7 +80,7 @@ def target_limits(target: Target) -> list[str]:
 class Quantization:
     precision: str = "int4"
     int4_algo: str = "auto"
-    block_size: Optional[int] = None  # None: the method's default (resolve_quantization)
+    block_size: int = 32
     accuracy_level: int = 4
     kv_cache: str = "fp32"  # one of kv_cache.KV_CACHES
     float_layers: tuple[int, ...] = ()  # gguf: decoder layers whose MatMuls stay fp32 (the most sensitive)
@@ -219,7 +219,6 @@ def check_request(req: ExportRequest) -> Checked:
     return Checked(adapters, n_layers, shapes)
 
 
-GGUF_DEFAULT_BLOCK = 16  # activations quantized per 16 values: +2-4 points of agreement for -20% decode (README)
 GGUF_TARGETS = ("cpu", "cuda")  # where MatMulNBits takes zero points and the block-sum MatMul runs as measured
 
 
@@ -229,11 +228,8 @@ def resolve_quantization(quant: Quantization, model_path: Path, target: Target) 
     from slmops.gguf_grid import on_grid
 
     if quant.precision == "int4" and quant.int4_algo == "auto":
-        gguf = target.name in GGUF_TARGETS and quant.block_size in (None, *BLOCK_SIZES) and on_grid(model_path)
+        gguf = target.name in GGUF_TARGETS and quant.block_size in BLOCK_SIZES and on_grid(model_path)
         quant = replace(quant, int4_algo="gguf" if gguf else FALLBACK_INT4_ALGO)
-    if quant.block_size is None:
-        gguf = quant.precision == "int4" and quant.int4_algo == "gguf"
-        quant = replace(quant, block_size=GGUF_DEFAULT_BLOCK if gguf else 32)
     return quant
 
 

@@ -28,7 +28,7 @@ MAX_ABS_FP32 = 1e-3
 MAX_AGREEMENT_DROP = 0.05
 MIN_AGREEMENT_FP32_QUANTIZED_CACHE = 0.9  # fp32 weights with an int8 cache: the cache alone may not cost more
 MAX_TOKENS = 128  # tokens per text (a .txt is cut into windows of this many)
-MAX_TEXTS = 32  # held-out rows taken from each adapter's recipe (~4,000 positions each)
+MAX_TEXTS = 16  # held-out rows taken from each adapter's recipe (~2,000 positions each on SmolLM2)
 
 
 @dataclass

@@ -238,8 +238,7 @@ class ExportSection(Section):
         "k_quant_mixed.")
     float_layers: list[int] = Field(
         default_factory=list, description="int4 gguf: decoder layers kept in fp32 (the most sensitive ones).")
-    block_size: Optional[Literal[16, 32, 64, 128, 256]] = Field(
-        None, description="Quantization block size (default: 16 for int4 gguf, 32 otherwise).")
+    block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="Quantization block size.")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="MatMulNBits accuracy level (4: int8 compute).")
     kv_cache: Optional[Literal[KV_CACHES]] = Field(
         None, description="Element type of the KV cache (default: the target's, chosen by measurement).")

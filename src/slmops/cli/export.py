@@ -52,8 +52,7 @@ def parse_named_paths(items: tuple[str, ...], flag: str) -> dict[str, Path]:
 @click.option("--float-layers", default=None, metavar="I,J",
               help="With --int4-algo gguf: decoder layers kept in fp32 (the ones that cost the most agreement).")
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
-              help="Quantization block size (default 16 for int4 gguf: activations quantized per 16 values, measured "
-              "+2-4 points of agreement; 32 otherwise).")
+              help="Quantization block size (default 32; 16 halves the int8 activations' blocks: README, levers).")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
               help="MatMulNBits accuracy level (default 4: int8 compute on CPU).")
 @click.option("--kv-cache", type=click.Choice(KV_CACHES), default=None,
@@ -103,7 +102,7 @@ def export_command(recipe, model, adapters, target, precision, min_agreement, te
         return
     chosen = TARGETS[target or settings.target]
     quant = Quantization(precision or settings.precision, int4_algo or settings.int4_algo,
-                         int(block_size) if block_size else settings.block_size,
+                         int(block_size or settings.block_size),
                          settings.accuracy_level if accuracy_level is None else accuracy_level,
                          kv_cache or settings.kv_cache or chosen.default_kv_cache,
                          _layers(float_layers) if float_layers is not None else tuple(settings.float_layers))
