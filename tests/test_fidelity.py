@@ -167,6 +167,8 @@ def test_verify_reports_kl_and_perplexity_on_the_users_texts(tiny_model, tmp_pat
     (["export", "-m", "{model}", "-p", "auto", "--dry-run", "-o", "{tmp}/o"], "--precision auto builds and measures "
      "its candidates: drop --dry-run, or name a precision"),
     (["export", "-m", "{model}", "--float-layers", "a", "-o", "{tmp}/o"], "--float-layers 'a': expected layer numbers"),
+    (["export", "-m", "{model}", "-p", "auto", "--int4-algo", "rtn", "-o", "{tmp}/o"], "--precision auto chooses the "
+     "int4 method, block size and accuracy level itself"),
 ])
 def test_fidelity_refusals(tiny_model, tmp_path, args, message):
     bundle = tmp_path / "b"

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from slmops.errors import RunError
+from slmops.errors import RunError, SlmopsError
 from slmops.parity import MAX_TEXTS
 
 # name -> Quantization fields, fastest first (one interleaved run on SmolLM2, README levers table; gguf-32 and
@@ -92,8 +92,12 @@ def search(req, output: Path, min_agreement: float, texts: Optional[Path] = None
                 continue
             progress(f"candidate {name}")
             folder = work / name
-            result = export(replace(req, quant=replace(req.quant, float_layers=(), **CANDIDATES[name])), folder,
-                            progress=None)
+            try:
+                result = export(replace(req, quant=replace(req.quant, float_layers=(), **CANDIDATES[name])), folder,
+                                progress=None)
+            except SlmopsError as exc:  # one method failing to build (a model the builder cannot take) is a row
+                table[name] = Measured(name, "", f"failed: {exc}")
+                continue
             table[name] = measured = _measure(name, result.quantization, folder, min_agreement, texts, progress)
             if measured.status == "chosen":
                 chosen, chosen_result = name, result
@@ -133,7 +137,7 @@ def _proposals(names: list[str], table: dict) -> Iterator[str]:
             name = sample.passes_configs["export"]["params"]["candidate"]
             yield name
             measured = table[name]
-            value = measured.decode_tps if measured.status == "chosen" else 0.0  # below the floor: worthless
+            value = measured.decode_tps if measured.status == "chosen" else 0.0  # below the floor or failed
             signal = MetricResult({"decode_tps": SubMetricResult(value=value or 0.0, priority=1, higher_is_better=True)})
             strategy.record_feedback_signal(sample.search_point.index, signal, ["base"])
 

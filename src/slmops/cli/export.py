@@ -111,6 +111,9 @@ def export_command(recipe, model, adapters, target, precision, min_agreement, te
     req = ExportRequest(base, named, chosen, quant, modules, list(merge), hf_merged)
     floor = min_agreement if min_agreement is not None else settings.min_agreement
     if quant.precision == AUTO:
+        if any(option not in (None, ()) for option in (int4_algo, float_layers, block_size, accuracy_level)):
+            raise RunError("--precision auto chooses the int4 method, block size and accuracy level itself: drop "
+                           "--int4-algo, --block-size, --accuracy-level and --float-layers, or name a precision")
         if dry_run:
             raise RunError("--precision auto builds and measures its candidates: drop --dry-run, or name a precision")
         from slmops.precision_search import search
