@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from slmops.bundle import BundleError
-from slmops.errors import CheckFailed, DataError
+from slmops.errors import DataError
 
 MAX_ABS_FP32 = 1e-3
 MAX_AGREEMENT_DROP = 0.05
