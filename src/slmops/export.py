@@ -194,7 +194,6 @@ def check_request(req: ExportRequest) -> Checked:
     if q.kv_cache != "fp32" and not t.quantized_kv_cache:
         raise RunError(f"target {t.name} cannot keep the KV cache in {q.kv_cache} (onnxruntime-genai quantizes it on "
                        "cpu and cuda only); use --kv-cache fp32")
-    _check_int4_algo(req)
     adapters = [lora.load_adapter(name, path) for name, path in req.adapters.items()]
     unknown = [name for name in req.merge if name not in req.adapters]
     if unknown:
@@ -208,6 +207,7 @@ def check_request(req: ExportRequest) -> Checked:
     if req.lora_modules and not t.adapters:
         raise RunError(f"--lora-modules needs adapters at run time, which target {t.name} cannot switch")
     n_layers, shapes = lora.base_shapes(req.model.path)
+    _check_int4_algo(req, n_layers)
     fingerprint = model_fingerprint(req.model.path)
     for adapter in adapters:
         _check_base(adapter, req.model, fingerprint)
@@ -233,7 +233,7 @@ def resolve_quantization(quant: Quantization, model_path: Path, target: Target) 
     return quant
 
 
-def _check_int4_algo(req: ExportRequest) -> None:
+def _check_int4_algo(req: ExportRequest, n_layers: int) -> None:
     from slmops.gguf_grid import on_grid
 
     q = req.quant
@@ -250,7 +250,6 @@ def _check_int4_algo(req: ExportRequest) -> None:
     if not on_grid(req.model.path):
         raise RunError(f"--int4-algo gguf needs weights dequantized from a GGUF (Q4_0/Q4_1 blocks of 32), and "
                        f"{req.model.name}'s are not; use --int4-algo {FALLBACK_INT4_ALGO}")
-    n_layers = lora.base_shapes(req.model.path)[0]
     bad = [layer for layer in q.float_layers if not 0 <= layer < n_layers]
     if bad:
         raise RunError(f"--float-layers {', '.join(map(str, bad))}: {req.model.name} has layers 0-{n_layers - 1}")

@@ -8,6 +8,7 @@ on the weights, so any such source is recognised, whoever converted it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -76,6 +77,7 @@ def grid8(w: np.ndarray) -> Optional[Grid8]:
     return Grid8(np.round(q).reshape(w.shape).astype(np.int16), scale)
 
 
+@lru_cache(maxsize=8)  # export resolves "auto", then checks, then --precision auto asks again per candidate
 def on_grid(model_path: Path) -> bool:
     """Whether the first decoder layer's projections of an HF folder are on a 4-bit GGUF grid (read lazily)."""
     from safetensors import safe_open

@@ -68,13 +68,19 @@ def held_out_texts() -> list[str]:
     return json.loads(resources.files("slmops").joinpath("parity_texts.json").read_text(encoding="utf-8"))
 
 
+def require_texts_file(path: Path) -> Path:
+    """--texts names a file that exists (checked before any work that would be wasted on a typo)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--texts {path}: no such file; give a .txt or a .jsonl/.json/.csv/.parquet of texts")
+    return path
+
+
 def file_texts(path: Path, tokenizer) -> list[list[int]]:
     """Token windows of the user's texts: a .txt stream cut into MAX_TOKENS windows, or one text per data row."""
     from slmops import data as data_mod
 
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"--texts {path}: no such file; give a .txt or a .jsonl/.json/.csv/.parquet of texts")
+    path = require_texts_file(path)
     if path.suffix == ".txt":
         ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
         windows = [ids[i:i + MAX_TOKENS] for i in range(0, len(ids), MAX_TOKENS)]

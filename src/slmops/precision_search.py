@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from slmops.errors import RunError, SlmopsError
-from slmops.parity import MAX_TEXTS
+from slmops.parity import MAX_TEXTS, require_texts_file
 
 # name -> Quantization fields, fastest first (one interleaved run on SmolLM2, README levers table; gguf-32 and
 # int8 decode alike within the machine's drift, and gguf-32 is half the size, so it comes first)
@@ -79,8 +79,8 @@ def search(req, output: Path, min_agreement: float, texts: Optional[Path] = None
     from slmops.atomic import atomic_dir
     from slmops.export import export
 
-    if texts is not None and not Path(texts).is_file():
-        raise RunError(f"--texts {texts}: no such file; give a .txt or a .jsonl/.json/.csv/.parquet of texts")
+    if texts is not None:
+        require_texts_file(texts)
     reasons = applicable(req)
     table = {name: Measured(name, "", reason) for name, reason in reasons.items() if reason}
     chosen = None

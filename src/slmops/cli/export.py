@@ -186,8 +186,10 @@ def verify_command(bundle, parity, model, adapters, texts, min_agreement, as_jso
 
     if (texts or min_agreement is not None) and not parity:
         raise RunError("--texts and --min-agreement set up the --parity check: add --parity")
-    if texts and not texts.is_file():
-        raise RunError(f"--texts {texts}: no such file; give a .txt or a .jsonl/.json/.csv/.parquet of texts")
+    if texts:
+        from slmops.parity import require_texts_file
+
+        require_texts_file(texts)
 
     if is_package(bundle):
         if parity:
