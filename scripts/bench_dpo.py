@@ -38,34 +38,77 @@ def timed(cmd: list[str]) -> tuple[str, float, float]:
 
 def run_slmops(args, work: Path) -> dict:
     out_dir = work / "slmops"
-    cmd = [sys.executable, "-m", "slmops.cli", "finetune", "--recipe", str(REPO / "recipes" / "smollm2-135m-dpo-hh.yaml"),
-           "-o", str(out_dir), "--json", "--set", f"dpo.max_steps={args.steps}", "--set", f"dpo.batch_size={args.batch_size}",
-           "--set", f"dpo.max_length={args.max_length}", "--set", "dpo.data.eval_split=null"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slmops.cli",
+        "finetune",
+        "--recipe",
+        str(REPO / "recipes" / "smollm2-135m-dpo-hh.yaml"),
+        "-o",
+        str(out_dir),
+        "--json",
+        "--set",
+        f"dpo.max_steps={args.steps}",
+        "--set",
+        f"dpo.batch_size={args.batch_size}",
+        "--set",
+        f"dpo.max_length={args.max_length}",
+        "--set",
+        "dpo.data.eval_split=null",
+    ]
     stdout, wall, rss = timed(cmd)
     stage = json.loads(stdout)["stages"]["dpo"]
-    return {"variant": "slmops finetune (Olive DPO pass)", "steps": stage["steps"], "train_seconds": stage["train_seconds"],
-            "tokens": stage["tokens"], "wall_seconds": wall, "peak_rss_mib": rss}
+    return {
+        "variant": "slmops finetune (Olive DPO pass)",
+        "steps": stage["steps"],
+        "train_seconds": stage["train_seconds"],
+        "tokens": stage["tokens"],
+        "wall_seconds": wall,
+        "peak_rss_mib": rss,
+    }
 
 
 def run_plain(args, work: Path, model_path: Path, data: Path) -> dict:
-    cmd = [sys.executable, str(REPO / "scripts" / "dpo_plain_trl.py"), "--model", str(model_path), "--data", str(data),
-           "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-           "--output-dir", str(work / "plain")]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "dpo_plain_trl.py"),
+        "--model",
+        str(model_path),
+        "--data",
+        str(data),
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        str(args.max_length),
+        "--output-dir",
+        str(work / "plain"),
+    ]
     if args.baseline_bf16:
         cmd.append("--bf16")
     stdout, wall, rss = timed(cmd)
     result = json.loads(stdout.strip().splitlines()[-1])
     label = "plain TRL DPOTrainer" + (" (bf16 autocast)" if args.baseline_bf16 else " (fp32)")
-    return {"variant": label, "steps": result["steps"], "train_seconds": result["train_runtime"],
-            "tokens": result["num_tokens"], "wall_seconds": wall, "peak_rss_mib": rss}
+    return {
+        "variant": label,
+        "steps": result["steps"],
+        "train_seconds": result["train_runtime"],
+        "tokens": result["num_tokens"],
+        "wall_seconds": wall,
+        "peak_rss_mib": rss,
+    }
 
 
 def table(rows: list[dict]) -> str:
     head = f"{'variant':<36} {'steps':>5} {'s/step':>7} {'tokens/s':>9} {'wall s':>7} {'peak RSS MiB':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['variant']:<36} {r['steps']:>5} {r['train_seconds'] / r['steps']:>7.2f} "
-                     f"{r['tokens'] / r['train_seconds']:>9.1f} {r['wall_seconds']:>7.1f} {r['peak_rss_mib']:>12.0f}")
+        lines.append(
+            f"{r['variant']:<36} {r['steps']:>5} {r['train_seconds'] / r['steps']:>7.2f} "
+            f"{r['tokens'] / r['train_seconds']:>9.1f} {r['wall_seconds']:>7.1f} {r['peak_rss_mib']:>12.0f}"
+        )
     return "\n".join(lines)
 
 
@@ -78,9 +121,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
 
-    from slmops.data import locate
-    from slmops.models import resolve_model
-    from slmops.privacy import go_offline
+    from slmops.core.models import resolve_model
+    from slmops.core.privacy import go_offline
+    from slmops.training.data import locate
 
     go_offline()
     model_path = resolve_model("smollm2-135m-instruct").path
@@ -91,11 +134,15 @@ def main() -> int:
             rows.append(run())
             print(json.dumps(rows[-1]), flush=True)
     ours, plain = (r["tokens"] / r["train_seconds"] for r in rows)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"{args.steps} steps, batch {args.batch_size}, max_length {args.max_length}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"{args.steps} steps, batch {args.batch_size}, max_length {args.max_length}"
+    )
     print(table(rows))
-    print(f"ratio slmops / plain TRL: {ours / plain:.2f}x trained tokens/s, "
-          f"{(rows[1]['train_seconds'] / rows[1]['steps']) / (rows[0]['train_seconds'] / rows[0]['steps']):.2f}x steps/s")
+    print(
+        f"ratio slmops / plain TRL: {ours / plain:.2f}x trained tokens/s, "
+        f"{(rows[1]['train_seconds'] / rows[1]['steps']) / (rows[0]['train_seconds'] / rows[0]['steps']):.2f}x steps/s"
+    )
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2) + "\n")
     return 0

@@ -19,11 +19,11 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from slmops.bench import Scenario, prompt_ids
-from slmops.bundle import read_manifest
 from slmops.cli.bench import parse_scenario
-from slmops.engines import interleaved
-from slmops.models import embedded_gguf
+from slmops.core.models import embedded_gguf
+from slmops.measuring.bench import Scenario, prompt_ids
+from slmops.measuring.runners import interleaved
+from slmops.shipping.manifest import read_manifest
 
 
 def variant_bundle(spec: str, scratch: Path) -> tuple[str, str]:
@@ -58,10 +58,14 @@ def main() -> None:
     try:
         bundles = dict(variant_bundle(spec, scratch) for spec in args.variants)
         first = Path(next(iter(bundles.values())))
-        gguf = args.gguf or str(embedded_gguf(read_manifest(first)["base"]["name"]))
-        feeds = [{"name": s.name, "ids": prompt_ids(first, s.prompt_tokens), "new_tokens": s.new_tokens} for s in scenarios]
-        engines = {"onnxruntime-genai": {"bundles": bundles, "adapters": {name: ["base"] for name in bundles}},
-                   "llama.cpp": {"gguf": gguf}}
+        gguf = args.gguf or str(embedded_gguf(read_manifest(first).base.name))
+        feeds = [
+            {"name": s.name, "ids": prompt_ids(first, s.prompt_tokens), "new_tokens": s.new_tokens} for s in scenarios
+        ]
+        engines = {
+            "onnxruntime-genai": {"bundles": bundles, "adapters": {name: ["base"] for name in bundles}},
+            "llama.cpp": {"gguf": gguf},
+        }
         samples = interleaved(engines, feeds, reps=args.reps, warmup=args.warmup, threads=args.threads)["samples"]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -73,13 +77,18 @@ def table(samples: list[dict], scenarios: list[Scenario], variants: list[str]) -
         values = [s[key] for s in samples if s["scenario"] == scenario and s["variant"] == variant and s[key]]
         return statistics.median(values) if values else None
 
-    lines = ["| scenario | variant | decode tok/s | x llama.cpp | prefill tok/s | x llama.cpp |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| scenario | variant | decode tok/s | x llama.cpp | prefill tok/s | x llama.cpp |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in scenarios:
         llama = {k: median(s.name, variants[-1], k) for k in ("decode_tps", "prefill_tps")}
         for v in variants:
             d, p = median(s.name, v, "decode_tps"), median(s.name, v, "prefill_tps")
-            lines.append(f"| {s.name} | {v} | {d:.1f} | {d / llama['decode_tps']:.2f}x | {p:.0f} | "
-                         f"{p / llama['prefill_tps']:.2f}x |")
+            lines.append(
+                f"| {s.name} | {v} | {d:.1f} | {d / llama['decode_tps']:.2f}x | {p:.0f} | "
+                f"{p / llama['prefill_tps']:.2f}x |"
+            )
     return "\n".join(lines)
 
 

@@ -37,17 +37,40 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dataset = load_dataset("json", data_files=args.data, split="train")
     dataset = dataset.select(range(min(len(dataset), args.steps * args.batch_size)))
-    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                             task_type="CAUSAL_LM")
-    config = DPOConfig(output_dir=args.output_dir, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-                       learning_rate=args.learning_rate, beta=0.1, max_length=args.max_length, logging_steps=1,
-                       report_to="none", save_strategy="no", use_cpu=True, bf16=args.bf16)
-    trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config)
+    peft_config = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        task_type="CAUSAL_LM",
+    )
+    config = DPOConfig(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps,
+        learning_rate=args.learning_rate,
+        beta=0.1,
+        max_length=args.max_length,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=args.bf16,
+    )
+    trainer = DPOTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+    )
     result = trainer.train()
     tokens = [e["num_tokens"] for e in trainer.state.log_history if "num_tokens" in e]
-    print(json.dumps({"train_runtime": result.metrics["train_runtime"], "num_tokens": tokens[-1] if tokens else None,
-                      "steps": trainer.state.global_step}))
+    print(
+        json.dumps(
+            {
+                "train_runtime": result.metrics["train_runtime"],
+                "num_tokens": tokens[-1] if tokens else None,
+                "steps": trainer.state.global_step,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -31,15 +31,21 @@ def main() -> int:
     import uvicorn
     from openai import OpenAI
 
-    from slmops.privacy import go_offline
-    from slmops.serve import ServeOptions, create_app
+    from slmops.core.privacy import go_offline
+    from slmops.shipping.serve import ServeOptions, create_app
 
     go_offline(olive=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(args.bundle, ServeOptions(
-        workers=args.workers, max_queue=args.clients)), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(args.bundle, ServeOptions(workers=args.workers, max_queue=args.clients)),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
@@ -54,8 +60,12 @@ def main() -> int:
         while time.monotonic() < deadline:
             start = time.monotonic()
             try:
-                r = client.chat.completions.create(model=model, max_tokens=args.max_tokens, temperature=0.7,
-                                                   messages=[{"role": "user", "content": f"Give me tip {i}."}])
+                r = client.chat.completions.create(
+                    model=model,
+                    max_tokens=args.max_tokens,
+                    temperature=0.7,
+                    messages=[{"role": "user", "content": f"Give me tip {i}."}],
+                )
                 with lock:
                     latencies.append(time.monotonic() - start)
                     tokens.append(r.usage.completion_tokens)
@@ -69,10 +79,14 @@ def main() -> int:
     wall = time.monotonic() - start
     server.should_exit = True
     q = statistics.quantiles(latencies, n=20) if len(latencies) >= 2 else [float("nan")] * 19
-    print(f"{args.clients} clients, {wall:.0f} s, models {', '.join(models)}, max_tokens {args.max_tokens}, "
-          f"{args.workers} server workers")
-    print(f"requests {len(latencies)}  ({len(latencies) / wall:.2f}/s)  p50 {statistics.median(latencies):.2f} s  "
-          f"p95 {q[18]:.2f} s  generated {sum(tokens) / wall:.1f} tok/s  errors {len(errors)}")
+    print(
+        f"{args.clients} clients, {wall:.0f} s, models {', '.join(models)}, max_tokens {args.max_tokens}, "
+        f"{args.workers} server workers"
+    )
+    print(
+        f"requests {len(latencies)}  ({len(latencies) / wall:.2f}/s)  p50 {statistics.median(latencies):.2f} s  "
+        f"p95 {q[18]:.2f} s  generated {sum(tokens) / wall:.1f} tok/s  errors {len(errors)}"
+    )
     for e in errors[:5]:
         print("  error:", e)
     return 1 if errors else 0

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from slmops.olive_config import drifted_configs, write_golden_configs
+from slmops.training.olive_config import drifted_configs, write_golden_configs
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random Llama with a tokenizer trained in-process, and the real data."""
+"""Shared fixtures: a tiny random Llama with a tokenizer trained in-process on tests/fixtures/corpus.txt,
+the tests' own small data files (tests/fixtures), and the real data (only for tests about the real data)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from slmops.privacy import go_offline
+from slmops.core.privacy import go_offline
 
 REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # original, small; written by fixtures/make_fixtures.py
+CORPUS = FIXTURES / "corpus.txt"  # the tiny tokenizer's training text
+SFT_DATA = FIXTURES / "sft.jsonl"  # alpaca rows: instruction, input (often empty), output
+PREFERENCE_DATA = FIXTURES / "prefs.jsonl"  # explicit preference rows: prompt, chosen, rejected
 SHARED_DATA = Path(os.environ.get("SLMOPS_DATA_DIR") or REPO.parent / "shared" / "data")
 
 # Tests never touch the network: same switches as every slmops command.
@@ -34,6 +39,7 @@ def runs_index(tmp_path_factory, monkeypatch) -> Path:
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
+    """The real data files, for the tests whose point is the real data (unit tests use FIXTURES)."""
     if not (SHARED_DATA / "h4rmony_alpaca.jsonl").is_file():
         pytest.fail(f"real data not found in {SHARED_DATA}; set SLMOPS_DATA_DIR to the shared data folder")
     return SHARED_DATA
@@ -76,10 +82,13 @@ def build_tiny_model(folder: Path, texts: list[str], seed: int = 0, arch: str = 
 ARCHS = {"llama": "Llama", "qwen2": "Qwen2", "phi3": "Phi3"}  # model_type -> transformers class prefix
 
 
+def corpus_texts() -> list[str]:
+    return CORPUS.read_text(encoding="utf-8").splitlines()
+
+
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, shared_data) -> Path:
-    texts = [json.loads(line)["output"] for line in (shared_data / "h4rmony_alpaca.jsonl").open()][:200]
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), texts)
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), corpus_texts())
 
 
 @pytest.fixture

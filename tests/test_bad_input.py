@@ -3,18 +3,17 @@ and nothing written where the command would have written."""
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_jsonl, write_recipe
+from conftest import SFT_DATA, write_jsonl, write_recipe
 from test_export import make_adapter
 
 from slmops.cli import cli
 
 GOOD_RECIPE = """
 model: {{name: {model}}}
-data: {{file: h4rmony_alpaca.jsonl, max_samples: 8, max_seq_len: 32}}
+data: {{file: {data}, max_samples: 8, max_seq_len: 32}}
 lora: {{r: 4, alpha: 8, target_modules: [q_proj, v_proj]}}
 training: {{max_steps: 2, batch_size: 2, dtype: float32}}
 """
@@ -51,7 +50,7 @@ def world(tiny_model, tmp_path_factory):
 
 
 def recipe(w, body: str, name: str) -> str:
-    return str(write_recipe(w["root"] / f"{name}.yaml", body.format(model=w["model"])))
+    return str(write_recipe(w["root"] / f"{name}.yaml", body.format(model=w["model"], data=SFT_DATA)))
 
 
 # (case id, args(world, out) -> argv, a piece of the one-line message)

@@ -92,9 +92,9 @@ def test_table_and_csv_output(tiny_bundle, tmp_path):
                                "--scenario PROMPT:NEW values"),
 ])
 def test_bench_refusals(tiny_bundle, args, message):
-    from slmops.runtime import available_eps
+    from slmops.core.choices import available_targets
 
-    if "--ep" in args and args[1] in available_eps():
+    if "--ep" in args and args[1] in available_targets():
         pytest.skip(f"{args[1]} is available on this machine")
     result = CliRunner().invoke(cli, ["bench", str(tiny_bundle), *args])
     assert (result.exit_code, result.output.strip()) == (2, f"Error: {message}")

@@ -1,12 +1,22 @@
 """The CLI: exit codes and the exact one-line messages a user sees."""
 
 import json
+import re
 
+import click
 import pytest
+import yaml
 from click.testing import CliRunner
-from conftest import write_jsonl, write_recipe
+from conftest import REPO, SFT_DATA, write_jsonl, write_recipe
 
 from slmops.cli import cli
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+# The shipped recipe's own file is the real data; these tests only need some rows, in alpaca form.
+FIXTURE_DATA = ("--data", str(SFT_DATA), "--set", "data.format=alpaca")
+# Every command `slmops --help` listed when these tests were written; the walk below adds any new one.
+KNOWN_COMMANDS = {"bench", "chat", "compare", "doctor", "eval", "export", "finetune", "generate", "package", "recipes",
+                  "runs", "serve", "sweep", "verify"}
 
 
 def run(*args):
@@ -20,18 +30,78 @@ def assert_user_error(code, output, message):
     assert "Traceback" not in output
 
 
+def command_tree(group: click.Group = cli, path: tuple = ()) -> list[tuple[tuple, click.Command]]:
+    """Every command under `group` (the group itself first), as (path of names, command), walked the way
+    click resolves them, so a command added later is covered without touching this file."""
+    ctx = click.Context(group, info_name="slmops")
+    found = [(path, group)]
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        if isinstance(command, click.Group):
+            found += command_tree(command, path + (name,))
+        else:
+            found.append((path + (name,), command))
+    return found
+
+
+COMMANDS = command_tree()
+
+
+def listed_commands(help_text: str) -> list[str]:
+    """The names in the Commands: section of a group's --help."""
+    section = help_text.split("\nCommands:\n", 1)[1]
+    return [m.group(1) for m in re.finditer(r"^  (\S+)", section, re.MULTILINE)]
+
+
 def test_help_lists_commands():
-    code, out = run("--help")
-    assert code == 0
-    assert "finetune" in out and "recipes" in out
+    assert KNOWN_COMMANDS <= set(cli.commands), "a command went missing from slmops"
+    result = CliRunner().invoke(cli, ["--help"], prog_name="slmops")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Usage: slmops [OPTIONS] COMMAND [ARGS]...\n")
+    visible = sorted(path[0] for path, command in COMMANDS if len(path) == 1 and not command.hidden)
+    assert listed_commands(result.output) == visible  # every top-level command of the tree, in order
+    assert set(visible) >= KNOWN_COMMANDS
+
+
+@pytest.mark.parametrize("path, command", COMMANDS, ids=[" ".join(p) or "slmops" for p, _ in COMMANDS])
+def test_every_command_has_help(path, command):
+    result = CliRunner().invoke(cli, [*path, "--help"], prog_name="slmops")
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    usage = " ".join(("Usage: slmops",) + path)
+    assert re.match(rf"{re.escape(usage)} \[OPTIONS\]", result.output), result.output.splitlines()[0]
+    assert "--help  " in result.output  # the options section was rendered
+    if isinstance(command, click.Group):  # a group's help lists each of its subcommands
+        ctx = click.Context(command, info_name=path[-1] if path else "slmops")
+        subcommands = [n for n in command.list_commands(ctx) if not command.get_command(ctx, n).hidden]
+        assert subcommands and listed_commands(result.output) == subcommands
+
+
+def test_every_group_is_walked():
+    groups = {path for path, command in COMMANDS if isinstance(command, click.Group)}
+    assert {(), ("recipes",), ("runs",)} <= groups
+    assert {("recipes", "list"), ("recipes", "show"), ("recipes", "validate"), ("runs", "list"), ("runs", "show")} <= \
+        {path for path, _ in COMMANDS}
+
+
+def recipe_name(path) -> str:
+    return (yaml.safe_load(path.read_text()) or {}).get("name") or path.stem
 
 
 def test_recipes_list_and_validate():
+    assert len(RECIPES) >= 14
     code, out = run("recipes", "list")
-    assert code == 0
-    assert "smollm2-135m-sft-h4rmony" in out and "qlora" in out
+    assert code == 0, out
+    rows = [line.split() for line in out.splitlines()]
+    assert sorted(row[0] for row in rows) == sorted(recipe_name(p) for p in RECIPES)  # each recipe file, once
+    by_name = {row[0]: row for row in rows}
+    assert by_name["smollm2-135m-qlora-h4rmony"][1:3] == ["sft", "qlora"]
+    assert by_name["smollm2-135m-sft-dpo"][1:3] == ["sft+dpo", "lora"]
     code, out = run("recipes", "validate")
-    assert code == 0 and out.count("ok  ") >= 2
+    assert code == 0, out
+    lines = out.splitlines()
+    assert all(line.startswith("ok  ") for line in lines), out
+    assert sorted(line[len("ok  "):].rsplit("/", 1)[-1] for line in lines) == [p.name for p in RECIPES]
 
 
 def test_recipes_show_applies_set():
@@ -96,17 +166,18 @@ def test_existing_output(tmp_path, tiny_model):
 
 
 def test_dry_run_prints_plan_and_json(tmp_path, tiny_model):
-    code, out = run("finetune", "--recipe", "smollm2-135m-sft-h4rmony", "--model", str(tiny_model),
+    code, out = run("finetune", "--recipe", "smollm2-135m-sft-h4rmony", "--model", str(tiny_model), *FIXTURE_DATA,
                     "-o", str(tmp_path / "out"), "--dry-run", "--json")
     assert code == 0, out
     result = json.loads(out)
-    assert (result["dry_run"], result["counts"]) == (True, {"sft": [462, 51]})
+    # 96 distinct rows; the recipe's eval_split 0.1 holds out round(9.6) = 10 of them
+    assert (result["dry_run"], result["counts"]) == (True, {"sft": [86, 10]})
     config = json.loads((tmp_path / "out" / "olive_config.json").read_text())
     assert config["passes"]["sft"]["r"] == 16
 
 
 def test_finetune_summary(tmp_path, tiny_model):
-    code, out = run("finetune", "--recipe", "smollm2-135m-sft-h4rmony", "--model", str(tiny_model),
+    code, out = run("finetune", "--recipe", "smollm2-135m-sft-h4rmony", "--model", str(tiny_model), *FIXTURE_DATA,
                     "-o", str(tmp_path / "out"), "--set", "training.max_steps=2", "--set", "data.max_samples=8",
                     "--set", "data.eval_split=null", "--set", "training.dtype=float32")
     assert code == 0, out
@@ -118,14 +189,21 @@ def test_finetune_summary(tmp_path, tiny_model):
     assert f"  adapter       {tmp_path / 'out' / 'adapter'}" in lines
 
 
-@pytest.mark.parametrize("flag", ["--bogus", "--recipe"])
-def test_usage_errors_exit_2(flag):
-    code, out = run("finetune", flag)
-    assert code == 2
+@pytest.mark.parametrize("flag, message", [("--bogus", "No such option '--bogus'."),
+                                           ("--recipe", "Option '--recipe' requires an argument.")])
+def test_usage_errors_exit_2(flag, message):
+    result = CliRunner().invoke(cli, ["finetune", flag], prog_name="slmops")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert errors == [f"Error: {message}"], result.output  # one line, naming the option
+    # click may add its usage and --help hint above it; nothing else
+    assert set(result.output.splitlines()) <= {"Usage: slmops finetune [OPTIONS]",
+                                               "Try 'slmops finetune --help' for help.", "", f"Error: {message}"}
 
 
 def test_finetune_json_stdout_is_clean(tmp_path, tiny_model):
-    code, out = run("finetune", "--recipe", "smollm2-135m-sft-h4rmony", "--model", str(tiny_model),
+    code, out = run("finetune", "--recipe", "smollm2-135m-sft-h4rmony", "--model", str(tiny_model), *FIXTURE_DATA,
                     "-o", str(tmp_path / "out"), "--set", "training.max_steps=2", "--set", "data.max_samples=8",
                     "--set", "training.dtype=float32", "--json")
     assert code == 0, out
@@ -135,6 +213,6 @@ def test_finetune_json_stdout_is_clean(tmp_path, tiny_model):
 
 def test_verbose_raises_olive_log_level(tmp_path, tiny_model):
     code, out = run("--verbose", "finetune", "--recipe", "smollm2-135m-sft-h4rmony", "--model", str(tiny_model),
-                    "-o", str(tmp_path / "out"), "--dry-run")
+                    *FIXTURE_DATA, "-o", str(tmp_path / "out"), "--dry-run")
     assert code == 0, out
     assert json.loads((tmp_path / "out" / "olive_config.json").read_text())["log_severity_level"] == 1

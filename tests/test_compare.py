@@ -13,7 +13,7 @@ from conftest import write_jsonl
 from test_export import make_adapter
 
 from slmops.cli import cli
-from slmops.compare import (CompareRequest, compare, lcs_length, mcnemar_test, paired_test, rouge_l,
+from slmops.measuring.compare import (CompareRequest, compare, lcs_length, mcnemar_test, paired_test, rouge_l,
                             sign_flip_test)
 
 SFT_ROWS = [

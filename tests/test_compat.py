@@ -1,9 +1,9 @@
-"""Each workaround in slmops.compat has a test here that fails once upstream no longer needs it."""
+"""Each workaround in slmops.core.compat has a test here that fails once upstream no longer needs it."""
 
 import pytest
 from olive.telemetry import telemetry as olive_telemetry
 
-from slmops import compat
+from slmops.core import compat
 
 
 def _fresh_telemetry(monkeypatch):
@@ -54,7 +54,7 @@ def _builder_pass(cls, precision="int4"):
 
 
 def test_olives_model_builder_still_fails_on_the_installed_onnxruntime_genai(tiny_model, tmp_path):
-    """Why slmops.passes.model_builder exists: Olive 0.13's own ModelBuilder pass cannot build with
+    """Why slmops.shipping.passes.model_builder exists: Olive 0.13's own ModelBuilder pass cannot build with
     onnxruntime-genai 0.15+ (quantized_model import, create_model without parse_extra_options).
     Fails once it can: then render Olive's ModelBuilder again and drop SlmopsModelBuilder."""
     from olive.model import HfModelHandler
@@ -70,7 +70,7 @@ def test_slmops_model_builder_builds_and_honours_the_exclusions(tiny_model, tmp_
     import onnx
     from olive.model import HfModelHandler
 
-    from slmops.passes.model_builder import SlmopsModelBuilder
+    from slmops.shipping.passes.model_builder import SlmopsModelBuilder
 
     model = HfModelHandler(model_path=str(tiny_model), task="text-generation")
     built = _builder_pass(SlmopsModelBuilder).run(model, str(tmp_path / "slmops"))
@@ -81,7 +81,7 @@ def test_slmops_model_builder_builds_and_honours_the_exclusions(tiny_model, tmp_
 
 
 def test_option_text_spells_the_builders_command_line():
-    from slmops.passes.model_builder import option_text
+    from slmops.shipping.passes.model_builder import option_text
 
     assert option_text("int4_nodes_to_exclude", ["/a", "/b"]) == "nodes_to_exclude=/a,/b"
     assert option_text("int4_op_types_to_quantize", ["MatMul", "Gather"]) == "op_types_to_quantize=MatMul/Gather"
@@ -90,7 +90,7 @@ def test_option_text_spells_the_builders_command_line():
 
 
 def test_onnxruntime_genai_still_claims_npu_providers_on_a_cpu_build():
-    """Why slmops.runtime.available_eps asks ONNX Runtime's provider list, not onnxruntime-genai's
+    """Why slmops.core.choices.available_targets asks ONNX Runtime's provider list, not onnxruntime-genai's
     is_*_available(): on this CPU-only build the latter claims QNN. Fails once it tells the truth."""
     import onnxruntime as ort
     import onnxruntime_genai as og
@@ -101,7 +101,7 @@ def test_onnxruntime_genai_still_claims_npu_providers_on_a_cpu_build():
 
 
 def test_olive_cache_still_takes_config_strings_for_paths(tmp_path, monkeypatch):
-    """Why slmops.compat.olive_cwd runs Olive from an empty folder: a config value such as
+    """Why slmops.core.compat.olive_cwd runs Olive from an empty folder: a config value such as
     precision 'fp32' is taken for a file when the working directory has a folder 'fp32'.
     Fails once Olive stops doing that."""
     from olive.resource_path import find_all_resources
@@ -131,7 +131,7 @@ def test_an_interrupt_swallowed_inside_the_block_is_raised_after_it():
 
     import pytest
 
-    from slmops.compat import honour_interrupts
+    from slmops.core.compat import honour_interrupts
 
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
@@ -144,7 +144,7 @@ def test_an_interrupt_swallowed_inside_the_block_is_raised_after_it():
 
 
 def test_olive_qlora_still_trains_every_linear_layer(tiny_model, tmp_path):
-    """slmops.passes.qlora exists because Olive's QLoRA replaces target_modules with every 4-bit linear."""
+    """slmops.training.passes.qlora exists because Olive's QLoRA replaces target_modules with every 4-bit linear."""
     pytest.importorskip("bitsandbytes")
     from olive.hardware.accelerator import AcceleratorSpec
     from olive.model import HfModelHandler

@@ -3,9 +3,9 @@ import json
 import pytest
 from conftest import write_jsonl
 
-from slmops import data
-from slmops.data import load_splits, normalise_sft
-from slmops.errors import DataError
+from slmops.training import data
+from slmops.training.data import load_splits, normalise_sft
+from slmops.core.errors import DataError
 
 
 def _rows(*rows):
@@ -312,13 +312,13 @@ def test_template_reports_missing_columns_and_unnamed_values():
     ("train[50%:]", range(5, 10)), ("train[10%:30%]", range(1, 3)),
 ])
 def test_split_slices_of_a_local_file(split, expected):
-    from slmops.data import split_range
+    from slmops.training.data import split_range
 
     assert list(split_range(split, 10)) == list(expected)
 
 
 def test_slices_train_and_evaluate_on_disjoint_rows(tmp_path):
-    from slmops.data import locate
+    from slmops.training.data import locate
 
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}) + "\n" for i in range(10)))

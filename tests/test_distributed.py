@@ -4,11 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import write_recipe
+from conftest import PREFERENCE_DATA, SFT_DATA, write_recipe
 
-from slmops.errors import RecipeError, RunError
-from slmops.finetune import finetune
-from slmops.recipe import DistributedSection, load_recipe
+from slmops.core.errors import RecipeError, RunError
+from slmops.training.finetune import finetune
+from slmops.training.recipe import DistributedSection, load_recipe
 
 # Same examples per step and the same initial adapter: the curves differ only by the order of
 # floating-point sums across processes. Measured: <= 2e-4 (SFT), 0 (DPO).
@@ -20,26 +20,26 @@ def _recipe(tmp_path: Path, model: Path, body: str, name: str):
     return load_recipe(str(write_recipe(tmp_path / f"{name}.yaml", head + body)))
 
 
-SFT = """
+SFT = f"""
 data:
-  file: h4rmony_alpaca.jsonl
+  file: {SFT_DATA}
   max_samples: 32
   max_seq_len: 64
 training:
   max_steps: 6
-  batch_size: {batch}
+  batch_size: {{batch}}
   learning_rate: 1.0e-2
   dtype: float32
 """
 
-DPO = """
+DPO = f"""
 dpo:
   data:
-    file: hh_rlhf_harmless_1k.jsonl
+    file: {PREFERENCE_DATA}
     max_samples: 32
   max_length: 64
   max_steps: 4
-  batch_size: {batch}
+  batch_size: {{batch}}
   learning_rate: 1.0e-2
   dtype: float32
 """
@@ -79,12 +79,12 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_model
     assert not list(tmp_path.glob(".slmops-*"))
 
 
-def test_a_failing_rank_is_one_error(tmp_path, tiny_model, shared_data, monkeypatch):
+def test_a_failing_rank_is_one_error(tmp_path, tiny_model, monkeypatch):
     data = tmp_path / "rows.jsonl"
-    data.write_text((shared_data / "h4rmony_alpaca.jsonl").read_text())
-    recipe = _recipe(tmp_path, tiny_model, SFT.format(batch=2).replace("h4rmony_alpaca.jsonl", str(data)), "bad")
+    data.write_text(SFT_DATA.read_text())
+    recipe = _recipe(tmp_path, tiny_model, SFT.format(batch=2).replace(str(SFT_DATA), str(data)), "bad")
     recipe.distributed.num_processes = 2
-    import slmops.finetune as finetune_mod
+    import slmops.training.finetune as finetune_mod
 
     real = finetune_mod.validate_with_olive
 
@@ -101,7 +101,7 @@ def test_a_failing_rank_is_one_error(tmp_path, tiny_model, shared_data, monkeypa
 
 
 def test_accelerate_config_file_is_passed_through(tmp_path):
-    from slmops.distributed import launch_command
+    from slmops.training.distributed import launch_command
 
     config = tmp_path / "fsdp.yaml"
     config.write_text("distributed_type: FSDP\n")
@@ -110,7 +110,7 @@ def test_accelerate_config_file_is_passed_through(tmp_path):
     assert cmd[cmd.index("--config_file") + 1] == str(config.resolve())
     assert cmd[cmd.index("--num_processes") + 1] == "8" and "--multi_gpu" not in cmd
     plain = launch_command(tmp_path / "c.json", DistributedSection(num_processes=2), 29600)
-    assert "--multi_gpu" in plain and plain[-3:] == ["-m", "slmops.distributed", str(tmp_path / "c.json")]
+    assert "--multi_gpu" in plain and plain[-3:] == ["-m", "slmops.training.distributed", str(tmp_path / "c.json")]
 
 
 def test_bad_distributed_settings(tmp_path, tiny_model):

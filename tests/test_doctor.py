@@ -5,7 +5,7 @@ import json
 from click.testing import CliRunner
 
 from slmops.cli import cli
-from slmops.models import DEFAULT_MODEL, Alias
+from slmops.core.models import DEFAULT_MODEL, Alias
 
 
 def doctor(*args):
@@ -35,19 +35,19 @@ def test_unwritable_cache_fails_with_the_fix(monkeypatch, tmp_path):
 
 
 def test_wrong_pinned_version_names_the_pin(monkeypatch):
-    import slmops.doctor
+    import slmops.core.doctor
 
-    real = slmops.doctor.version
-    monkeypatch.setattr(slmops.doctor, "version", lambda name: "0.14.1" if name == "onnxruntime-genai" else real(name))
+    real = slmops.core.doctor.version
+    monkeypatch.setattr(slmops.core.doctor, "version", lambda name: "0.14.1" if name == "onnxruntime-genai" else real(name))
     code, out = doctor()
     assert code == 1
     assert "0.14.1, slmops needs ==0.18.0" in out and "fix: pip install 'onnxruntime-genai==0.18.0'" in out
 
 
 def test_missing_embedded_model_says_how_to_install_it(monkeypatch):
-    import slmops.models
+    import slmops.core.models
 
-    monkeypatch.setitem(slmops.models.ALIASES, DEFAULT_MODEL,
+    monkeypatch.setitem(slmops.core.models.ALIASES, DEFAULT_MODEL,
                         Alias("HuggingFaceTB/SmolLM2-135M-Instruct", "no_such_package_xyz", "x.gguf"))
     code, out = doctor()
     assert code == 1
@@ -57,12 +57,12 @@ def test_missing_embedded_model_says_how_to_install_it(monkeypatch):
 def test_low_disk_warns_then_fails(monkeypatch):
     from collections import namedtuple
 
-    import slmops.doctor
+    import slmops.core.doctor
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(slmops.doctor.shutil, "disk_usage", lambda path: usage(10**12, 0, 3 * 10**9))
+    monkeypatch.setattr(slmops.core.doctor.shutil, "disk_usage", lambda path: usage(10**12, 0, 3 * 10**9))
     code, out = doctor()
     assert "warn  disk: outputs" in out and "3.0 GB free" in out
-    monkeypatch.setattr(slmops.doctor.shutil, "disk_usage", lambda path: usage(10**12, 0, 10**8))
+    monkeypatch.setattr(slmops.core.doctor.shutil, "disk_usage", lambda path: usage(10**12, 0, 10**8))
     code, out = doctor()
     assert code == 1 and "FAIL  disk: outputs" in out

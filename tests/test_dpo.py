@@ -5,15 +5,15 @@ import math
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_jsonl, write_recipe
+from conftest import PREFERENCE_DATA, SFT_DATA, write_jsonl, write_recipe
 
 from slmops.cli import cli
-from slmops.evaluate import PairScores, evaluate_preferences, preference_metrics
-from slmops.finetune import finetune
-from slmops.recipe import load_recipe
+from slmops.measuring.evaluate import PairScores, evaluate_preferences, preference_metrics
+from slmops.training.finetune import finetune
+from slmops.training.recipe import load_recipe
 
-SFT = """data:
-  file: h4rmony_alpaca.jsonl
+SFT = f"""data:
+  file: {SFT_DATA}
   max_samples: 8
   max_seq_len: 64
 training:
@@ -27,9 +27,9 @@ training:
 def dpo_block(extra: str = "") -> str:
     return f"""dpo:
   data:
-    file: hh_rlhf_harmless_1k.jsonl
+    file: {PREFERENCE_DATA}
     max_samples: 8
-    eval_split: 0.005
+    eval_split: 0.05
   max_length: 64
   max_steps: 2
   batch_size: 2
@@ -146,7 +146,7 @@ def test_eval_zero_adapter_is_the_base(tmp_path, tiny_model):
 
 
 def test_eval_cli_on_recipe_held_out_pairs(tmp_path, tiny_model):
-    path = write_recipe(tmp_path / "r.yaml", f"model:\n  name: {tiny_model}\n" + dpo_block().replace("0.005", "0.01"))
+    path = write_recipe(tmp_path / "r.yaml", f"model:\n  name: {tiny_model}\n" + dpo_block().replace("0.05", "0.1"))
     result = CliRunner().invoke(cli, ["eval", "--recipe", str(path), "--limit", "4", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)

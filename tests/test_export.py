@@ -108,7 +108,7 @@ def test_adapter_tensors_match_graph_inputs(bundle):
 
 
 def test_each_adapter_generates_differently(bundle):
-    from slmops.runtime import Runtime, Sampling
+    from slmops.shipping.runtime import Runtime, Sampling
 
     rt = Runtime(bundle)
     prompt = rt.chat_prompt([{"role": "user", "content": "Tell me about the sea"}])
@@ -129,7 +129,7 @@ def test_generate_cli_and_sampling_seed(bundle):
 
 
 def test_stop_string_cuts_the_completion(bundle):
-    from slmops.runtime import Runtime, Sampling
+    from slmops.shipping.runtime import Runtime, Sampling
 
     rt = Runtime(bundle)
     full = rt.generate("the", None, Sampling(max_new_tokens=16))
@@ -180,7 +180,7 @@ def test_int8_kv_cache_is_calibrated_recorded_and_verified(tiny_model, adapters,
     import onnx
     from onnx import numpy_helper
 
-    from slmops.kv_cache import calibrate
+    from slmops.shipping.kv_cache import calibrate
 
     out = tmp_path / "kv8"
     code, msg = run("export", "-m", tiny_model, "-a", f"qv={adapters['qv']}", "-a", f"all={adapters['all']}",
@@ -240,7 +240,7 @@ def test_tampered_or_missing_file_fails_verify(bundle, tmp_path):
 
 
 def test_into_adds_an_adapter_without_rebuilding(bundle, tiny_model, tmp_path):
-    from slmops.files import file_sha256
+    from slmops.core.files import file_sha256
 
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
@@ -349,7 +349,7 @@ def test_merged_variant_matches_the_adapter(tiny_model, adapters, tmp_path):
 
 
 def test_failed_export_leaves_nothing(tiny_model, adapters, tmp_path, monkeypatch):
-    from slmops import export as export_mod
+    from slmops.shipping import export as export_mod
 
     def boom(config):
         raise KeyboardInterrupt
@@ -426,9 +426,9 @@ def test_runtime_errors(bundle, tmp_path):
     manifest = json.loads((cuda / "slmops.json").read_text())
     manifest["target"].update(name="cuda", execution_provider="CUDAExecutionProvider")
     (cuda / "slmops.json").write_text(json.dumps(manifest))
-    from slmops.runtime import available_eps
+    from slmops.core.choices import available_targets
 
-    if "cuda" not in available_eps():
+    if "cuda" not in available_targets():
         code, out = run("generate", cuda, "-p", "hi")
         assert (code, out) == (2, "Error: bundle is built for CUDAExecutionProvider, which this machine's ONNX "
                                   "Runtime does not have (it has: cpu); run it on a machine with that device, or "
@@ -456,7 +456,7 @@ def package(bundle, fp32_bundle, tmp_path_factory):
 
 
 def test_package_has_olives_layout_and_each_bundle(package, bundle, fp32_bundle):
-    from slmops.package import variant_genai_config
+    from slmops.shipping.package import variant_genai_config
 
     olive_manifest = json.loads((package / "manifest.json").read_text())
     assert olive_manifest["components"] == ["decoder"] and olive_manifest["producer"]["tool"] == "olive-ai"
@@ -478,7 +478,7 @@ def test_package_has_olives_layout_and_each_bundle(package, bundle, fp32_bundle)
 
 
 def test_package_variants_generate_as_their_bundles(package, bundle, fp32_bundle):
-    from slmops.runtime import Runtime, Sampling
+    from slmops.shipping.runtime import Runtime, Sampling
 
     sampling = Sampling(max_new_tokens=10, temperature=1.0, seed=3)
     assert Runtime(package).variant == "cpu-int4"  # both run here: the first one given
@@ -502,7 +502,7 @@ def _as_target(source: Path, copy: Path, target: str, provider: str, drop_adapte
 
 
 def test_package_refusals(package, bundle, fp32_bundle, tmp_path):
-    from slmops.runtime import available_eps
+    from slmops.core.choices import available_targets
 
     assert run("package", bundle, bundle, "-o", tmp_path / "p") == (
         2, f"Error: bundles {bundle} and {bundle} are both cpu-int4; a package holds one bundle per target and "
@@ -518,11 +518,11 @@ def test_package_refusals(package, bundle, fp32_bundle, tmp_path):
     assert run("generate", bundle, "--variant", "cpu-int4", "-p", "hi") == (
         2, f"Error: --variant is for model packages; '{bundle}' is a single bundle")
     assert run("verify", package, "--parity")[0] == 2
-    if "cuda" in available_eps():
+    if "cuda" in available_targets():
         return
     cuda = _as_target(fp32_bundle, tmp_path / "cuda", "cuda", "CUDAExecutionProvider")
     assert run("package", bundle, cuda, "-o", tmp_path / "mixed")[0] == 0
-    from slmops.runtime import Runtime
+    from slmops.shipping.runtime import Runtime
 
     assert Runtime(tmp_path / "mixed.ortpackage").variant == "cpu-int4"  # the variant this machine can run
     assert run("generate", tmp_path / "mixed.ortpackage", "--variant", "cuda-fp32", "-p", "hi") == (
@@ -543,7 +543,7 @@ def test_tampered_package_fails_verify(package, tmp_path):
 
 
 def test_no_released_runtime_opens_olives_package_layout(package):
-    """Compat: slmops resolves a package's variant itself (slmops.package.open_variant). This fails once
+    """Compat: slmops resolves a package's variant itself (slmops.shipping.package.open_variant). This fails once
     the installed onnxruntime-genai, or ONNX Runtime's model-package reader, opens Olive 0.13's layout:
     then run packages through it instead."""
     import onnxruntime as ort

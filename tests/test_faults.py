@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_recipe
+from conftest import SFT_DATA, write_recipe
 
-from slmops.atomic import LOCK_PREFIX, PARTIAL_PREFIX, output_lock, resume_folder
+from slmops.core.files import LOCK_PREFIX, PARTIAL_PREFIX, output_lock, resume_folder
 from slmops.cli import cli
 
 RECIPE = """
 model:
   name: {model}
 data:
-  file: h4rmony_alpaca.jsonl
+  file: """ + str(SFT_DATA) + """
   max_samples: 16
   max_seq_len: 32
 lora:
@@ -153,7 +153,7 @@ def test_two_runs_racing_for_one_output(tmp_path, tiny_model):
 
 def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     out = tmp_path / "out"
-    code = ("import os, signal, sys; from slmops.atomic import output_lock\n"
+    code = ("import os, signal, sys; from slmops.core.files import output_lock\n"
             f"with output_lock({str(out)!r}):\n    os.kill(os.getpid(), signal.SIGKILL)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == -signal.SIGKILL
     with output_lock(out):  # not stuck behind a dead process

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from slmops.cli import cli
-from slmops.gguf_grid import grid4, grid8, on_grid
+from slmops.shipping.gguf_grid import grid4, grid8, on_grid
 from tests.conftest import write_jsonl
 from tests.test_export import make_adapter
 
@@ -69,7 +69,7 @@ def test_gguf_blocks_rewrite_is_exact_at_fp32_compute_and_leaves_lora_alone():
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from slmops.passes.gguf_blocks import keep_gguf_blocks
+    from slmops.shipping.passes.gguf_blocks import keep_gguf_blocks
 
     rng = np.random.default_rng(1)
     w = q4_1(rng.standard_normal((48, 64)).astype(np.float32)).T  # [64, 48]
@@ -92,8 +92,8 @@ def test_gguf_blocks_rewrite_is_exact_at_fp32_compute_and_leaves_lora_alone():
 def test_gguf_blocks_refuse_a_model_on_no_grid():
     from onnx import TensorProto, helper, numpy_helper
 
-    from slmops.gguf_grid import NotOnGrid
-    from slmops.passes.gguf_blocks import keep_gguf_blocks
+    from slmops.shipping.gguf_grid import NotOnGrid
+    from slmops.shipping.passes.gguf_blocks import keep_gguf_blocks
 
     w = np.random.default_rng(2).standard_normal((64, 8)).astype(np.float32)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="/lm_head/MatMul")], "g",
@@ -107,8 +107,8 @@ def test_gguf_blocks_refuse_a_model_on_no_grid():
 def test_default_export_keeps_a_gguf_sources_blocks(gguf_model, tiny_model, tmp_path):
     """int4 auto: gguf blocks for the snapped model, k_quant_mixed for the random one; at
     accuracy level 1 the gguf bundle matches PyTorch to fp32 rounding, base and adapter."""
-    from slmops.bundle import read_manifest
-    from slmops.parity import adapter_sources, check_parity
+    from slmops.shipping.manifest import read_manifest
+    from slmops.shipping.parity import adapter_sources, check_parity
 
     assert on_grid(gguf_model) and not on_grid(tiny_model)
     adapter = make_adapter(gguf_model, tmp_path / "qv", 4, ["q_proj", "v_proj"], seed=3)
@@ -117,8 +117,8 @@ def test_default_export_keeps_a_gguf_sources_blocks(gguf_model, tiny_model, tmp_
     result = runner.invoke(cli, ["export", "-m", str(gguf_model), "-a", f"qv={adapter}", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "int4 gguf, block 32, accuracy level 4" in result.output
-    q = read_manifest(out)["quantization"]
-    assert (q["int4_algo"], q["block_size"]) == ("gguf", 32)
+    q = read_manifest(out).quantization
+    assert (q.int4_algo, q.block_size) == ("gguf", 32)
     exact = tmp_path / "exact"
     result = runner.invoke(cli, ["export", "-m", str(gguf_model), "-a", f"qv={adapter}", "--accuracy-level", "1",
                                  "-o", str(exact)])
@@ -130,7 +130,7 @@ def test_default_export_keeps_a_gguf_sources_blocks(gguf_model, tiny_model, tmp_
     other = tmp_path / "random"
     result = runner.invoke(cli, ["export", "-m", str(tiny_model), "-o", str(other)])
     assert result.exit_code == 0, result.output
-    assert read_manifest(other)["quantization"]["int4_algo"] == "k_quant_mixed"
+    assert read_manifest(other).quantization.int4_algo == "k_quant_mixed"
 
 
 def test_verify_reports_kl_and_perplexity_on_the_users_texts(tiny_model, tmp_path):
@@ -194,22 +194,22 @@ def test_precision_auto_keeps_the_fastest_candidate_that_meets_the_floor(gguf_mo
     """Floor 0: the first candidate (int4 RTN) is kept and nothing after it is built. Floor 1.0: only a
     candidate that agrees everywhere is kept; the table in the manifest and the model card says which
     was measured and why each was or was not kept. The same inputs give the same choice."""
-    from slmops.bundle import read_manifest
+    from slmops.shipping.manifest import read_manifest
 
     runner = CliRunner()
     first = tmp_path / "first"
     result = runner.invoke(cli, ["export", "-m", str(gguf_model), "-p", "auto", "--min-agreement", "0",
                                  "-o", str(first)])
     assert result.exit_code == 0, result.output
-    search = read_manifest(first)["precision_search"]
+    search = read_manifest(first).precision_search
     assert search["chosen"] == "int4-rtn" and search["min_agreement"] == 0
     assert [c["status"] for c in search["candidates"]][1:] == ["not built: a faster candidate met the floor"] * 5
-    assert read_manifest(first)["quantization"]["int4_algo"] == "rtn"
+    assert read_manifest(first).quantization.int4_algo == "rtn"
     strict = tmp_path / "strict"
     result = runner.invoke(cli, ["export", "-m", str(gguf_model), "-p", "auto", "--min-agreement", "1.0",
                                  "-o", str(strict)])
     assert result.exit_code == 0, result.output
-    search = read_manifest(strict)["precision_search"]
+    search = read_manifest(strict).precision_search
     chosen = next(c for c in search["candidates"] if c["status"] == "chosen")
     assert chosen["name"] == search["chosen"] and chosen["agreement"]["base"] == 1.0
     measured = [c for c in search["candidates"] if c["agreement"]]
@@ -220,5 +220,5 @@ def test_precision_auto_keeps_the_fastest_candidate_that_meets_the_floor(gguf_mo
     again = tmp_path / "again"
     assert runner.invoke(cli, ["export", "-m", str(gguf_model), "-p", "auto", "--min-agreement", "1.0",
                                "-o", str(again)]).exit_code == 0
-    assert read_manifest(again)["precision_search"]["chosen"] == search["chosen"]
+    assert read_manifest(again).precision_search["chosen"] == search["chosen"]
     assert runner.invoke(cli, ["verify", str(strict)]).exit_code == 0

@@ -4,15 +4,15 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl, write_recipe
+from conftest import SFT_DATA, write_jsonl, write_recipe
 
-from slmops.atomic import PARTIAL_PREFIX
-from slmops.errors import RunError
-from slmops.finetune import finetune
-from slmops.recipe import load_recipe
+from slmops.core.files import PARTIAL_PREFIX
+from slmops.core.errors import RunError
+from slmops.training.finetune import finetune
+from slmops.training.recipe import load_recipe
 
 
-def tiny_recipe(tmp_path: Path, model: Path, data: str = "h4rmony_alpaca.jsonl", extra: str = "") -> object:
+def tiny_recipe(tmp_path: Path, model: Path, data: str = str(SFT_DATA), extra: str = "") -> object:
     body = f"""
 model:
   name: {model}

@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from slmops.passes.fuse_lora import fuse_lora
+from slmops.shipping.passes.fuse_lora import fuse_lora
 
 K, BLOCK = 64, 32
 WIDTHS = {"q_proj": 48, "k_proj": 16, "v_proj": 16}

@@ -10,7 +10,7 @@ import pytest
 from test_export import run
 from test_finetune import tiny_recipe
 
-from slmops.finetune import finetune
+from slmops.training.finetune import finetune
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -2,8 +2,8 @@
 
 import pytest
 
-from slmops.engines import LlamaCppRunner, TorchRunner, interleaved
-from slmops.models import DEFAULT_MODEL, embedded_gguf, resolve_model
+from slmops.measuring.runners import LlamaCppRunner, TorchRunner, interleaved
+from slmops.core.models import DEFAULT_MODEL, embedded_gguf, resolve_model
 
 pytestmark = pytest.mark.slow
 

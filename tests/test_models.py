@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from slmops import models
-from slmops.errors import ModelError
+from slmops.core import models
+from slmops.core.errors import ModelError
 
 
 def test_local_folder(tiny_model):

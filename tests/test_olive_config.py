@@ -6,18 +6,18 @@ import json
 import pytest
 from conftest import REPO, write_recipe
 
-from slmops.data import DataSource
-from slmops.errors import RecipeError, RunError
-from slmops.olive_config import (
+from slmops.training.data import DataSource
+from slmops.core.errors import RecipeError, RunError
+from slmops.training.olive_config import (
     Sources,
     drifted_configs,
     golden_text,
-    package_config,
     render_finetune,
     render_portable,
-    validate_with_olive,
+    validate,
 )
-from slmops.recipe import load_recipe
+from slmops.training.recipe import load_recipe
+from slmops.core.workflows import package_config
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
@@ -31,7 +31,7 @@ def test_golden_config_matches_recipe(path):
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_golden_config_is_accepted_by_olive(path):
-    validate_with_olive(json.loads((REPO / "olive_configs" / f"{path.stem}.json").read_text()))
+    validate(json.loads((REPO / "olive_configs" / f"{path.stem}.json").read_text()))
 
 
 def test_drift_is_detected(tmp_path):
@@ -78,12 +78,31 @@ def test_render_is_pure(tmp_path):
     assert r.model_dump() == before
 
 
+def _differences(a, b, where=()) -> list[tuple]:
+    """The paths (keys and list indexes) at which two rendered configs differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        missing = object()
+        return [p for k in sorted(a.keys() | b.keys(), key=str)
+                for p in _differences(a.get(k, missing), b.get(k, missing), where + (k,))]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [p for i, (x, y) in enumerate(zip(a, b)) for p in _differences(x, y, where + (i,))]
+    return [] if a == b else [where]
+
+
 def test_data_hash_is_in_the_config(tmp_path):
-    # Olive's cache key comes from the config: a changed file must change it.
-    r = _recipe(tmp_path)
-    a = render_finetune(r, "/m", Sources(sft=DataSource(path="/d.jsonl", sha256="aa")))
-    b = render_finetune(r, "/m", Sources(sft=DataSource(path="/d.jsonl", sha256="bb")))
-    assert a != b
+    # Olive's cache key comes from the config: a changed file must change it, and nothing else may.
+    r = _recipe(tmp_path, "dpo:\n  data:\n    file: p.jsonl\n")
+    a_hash, b_hash, dpo_hash = "a1" * 32, "b2" * 32, "c3" * 32
+    dpo = DataSource(path="/p.jsonl", sha256=dpo_hash)
+    a = render_finetune(r, "/m", Sources(sft=DataSource(path="/d.jsonl", sha256=a_hash), dpo=dpo))
+    b = render_finetune(r, "/m", Sources(sft=DataSource(path="/d.jsonl", sha256=b_hash), dpo=dpo))
+    train, dpo_train = a["data_configs"][0], a["data_configs"][1]
+    assert (train["name"], dpo_train["name"]) == ("train_data", "dpo_train_data")
+    assert train["load_dataset_config"]["params"]["source"] == {"path": "/d.jsonl", "sha256": a_hash, "split": "train"}
+    assert b["data_configs"][0]["load_dataset_config"]["params"]["source"]["sha256"] == b_hash
+    assert dpo_train["load_dataset_config"]["params"]["source"]["sha256"] == dpo_hash  # each stage its own file's
+    assert _differences(a, b) == [("data_configs", 0, "load_dataset_config", "params", "source", "sha256")]
+    assert json.dumps(a).count(a_hash) == 1 and a_hash not in json.dumps(b)
 
 
 def test_render_qlora_and_eval(tmp_path):
@@ -110,7 +129,7 @@ def test_olive_rejects_a_bad_pass_parameter(tmp_path):
     config = render_portable(_recipe(tmp_path))
     config["passes"]["sft"]["r"] = "sixteen"
     with pytest.raises(RunError, match=r"^Olive rejected pass 'sft' \(LoRA\): r: Input should be a valid integer"):
-        validate_with_olive(config)
+        validate(config)
 
 
 def test_package_config_keeps_olive_passes():
@@ -131,7 +150,7 @@ def test_render_sft_then_dpo_chain(tmp_path):
     assert names == ["train_data", "dpo_train_data", "dpo_eval_data"]
     assert config["data_configs"][1]["load_dataset_config"]["params"]["source"] == {
         "path": "/p.jsonl", "sha256": "cc", "split": "train"}
-    validate_with_olive(config)
+    validate(config)
 
 
 def test_dpo_alone_has_no_sft_pass(tmp_path):
@@ -149,14 +168,14 @@ def test_olive_systems_render_and_validate(tmp_path):
     config = render_portable(docker)
     assert config["host"] == config["target"] == "docker"
     assert config["systems"] == {"docker": {"type": "Docker", "config": docker.system.config}}
-    validate_with_olive(config)
+    validate(config)
 
     env = _recipe(tmp_path)
     env.system.type, env.system.config = "PythonEnvironment", {"python_environment_path": str(tmp_path / "none")}
     with pytest.raises(RunError, match="Olive rejected the workflow config"):
-        validate_with_olive(render_portable(env))
+        validate(render_portable(env))
     env.system.config = {"python_environment_path": str(Path(sys.executable).parent)}
-    validate_with_olive(render_portable(env))
+    validate(render_portable(env))
 
     with pytest.raises(RecipeError, match="olive-ai 0.13 has no AzureML system"):
         load_recipe(str(write_recipe(tmp_path / "aml.yaml", "data:\n  file: d.jsonl\nsystem:\n  type: AzureML\n")))

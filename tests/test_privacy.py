@@ -2,10 +2,11 @@ import os
 
 import pytest
 
-from conftest import write_recipe
+from conftest import FIXTURES, SFT_DATA, write_recipe
 
-from slmops.privacy import go_offline, recipe_needs_hub
-from slmops.recipe import load_recipe
+from slmops.core.privacy import go_offline
+from slmops.training.recipe import recipe_needs_hub
+from slmops.training.recipe import load_recipe
 
 
 def test_offline_switches(monkeypatch):
@@ -18,7 +19,8 @@ def test_offline_switches(monkeypatch):
 
 
 def test_hub_only_when_named(tmp_path, monkeypatch):
-    local = write_recipe(tmp_path / "a.yaml", "data:\n  dataset: org/ds\n  file: h4rmony_alpaca.jsonl\n")
+    monkeypatch.setenv("SLMOPS_DATA_DIR", str(FIXTURES))
+    local = write_recipe(tmp_path / "a.yaml", f"data:\n  dataset: org/ds\n  file: {SFT_DATA.name}\n")
     assert not recipe_needs_hub(load_recipe(str(local)))  # found in SLMOPS_DATA_DIR
     monkeypatch.setenv("SLMOPS_DATA_DIR", str(tmp_path))
     assert recipe_needs_hub(load_recipe(str(local)))  # not found locally: the hub dataset is needed
@@ -54,7 +56,7 @@ def traced(tmp_path, *args) -> tuple:
 def test_finetune_export_generate_attempt_no_connection(tmp_path, tiny_model):
     recipe = write_recipe(tmp_path / "r.yaml", f"""
 model: {{name: {tiny_model}}}
-data: {{file: h4rmony_alpaca.jsonl, max_samples: 8, max_seq_len: 32}}
+data: {{file: {SFT_DATA}, max_samples: 8, max_seq_len: 32}}
 lora: {{r: 4, alpha: 8, target_modules: [q_proj, v_proj]}}
 training: {{max_steps: 2, batch_size: 2, dtype: float32}}
 """)

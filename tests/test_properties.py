@@ -10,16 +10,16 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from slmops.bundle import MANIFEST, read_manifest
-from slmops.data import (
+from slmops.shipping.manifest import MANIFEST, read_manifest
+from slmops.training.data import (
     DataSource,
     normalise_preference,
     normalise_sft,
     read_rows,
     split_implicit_prompt,
 )
-from slmops.errors import SlmopsError
-from slmops.recipe import load_recipe, parse_override
+from slmops.core.errors import SlmopsError
+from slmops.training.recipe import load_recipe, parse_override
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

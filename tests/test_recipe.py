@@ -1,8 +1,8 @@
 import pytest
 from conftest import REPO, write_recipe
 
-from slmops.errors import RecipeError
-from slmops.recipe import UNSET, find_recipe, load_recipe, parse_override, recipe_to_yaml
+from slmops.core.errors import RecipeError
+from slmops.training.recipe import UNSET, find_recipe, load_recipe, parse_override, recipe_to_yaml
 
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
 MINIMAL = "data:\n  file: h4rmony_alpaca.jsonl\n"

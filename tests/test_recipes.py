@@ -9,10 +9,10 @@ from pathlib import Path
 from string import Formatter
 
 import pytest
-from conftest import REPO, build_tiny_model
+from conftest import REPO, build_tiny_model, corpus_texts
 
-from slmops.finetune import finetune
-from slmops.recipe import load_recipe
+from slmops.training.finetune import finetune
+from slmops.training.recipe import load_recipe
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
@@ -23,9 +23,9 @@ def architecture(model_name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory, shared_data):
-    texts = [json.loads(line)["output"] for line in (shared_data / "h4rmony_alpaca.jsonl").open()][:200]
-    return {arch: build_tiny_model(tmp_path_factory.mktemp(arch), texts, arch=arch) for arch in ("llama", "qwen2", "phi3")}
+def tiny_models(tmp_path_factory):
+    return {arch: build_tiny_model(tmp_path_factory.mktemp(arch), corpus_texts(), arch=arch)
+            for arch in ("llama", "qwen2", "phi3")}
 
 
 def sft_row(section, i: int) -> dict:

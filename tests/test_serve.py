@@ -47,7 +47,7 @@ def _start(app):
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    from slmops.serve import ServeOptions, create_app
+    from slmops.shipping.serve import ServeOptions, create_app
 
     srv, thread, port = _start(create_app(bundle, ServeOptions(api_key=KEY, max_body_bytes=4096,
                                                                max_tokens_limit=64)))
@@ -151,7 +151,7 @@ def test_api_key_is_required(server):
 
 
 def test_full_queue_answers_503(bundle):
-    from slmops.serve import ServeOptions, create_app
+    from slmops.shipping.serve import ServeOptions, create_app
 
     srv, thread, port = _start(create_app(bundle, ServeOptions(workers=1, max_queue=0)))
     try:

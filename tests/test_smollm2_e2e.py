@@ -36,7 +36,7 @@ def test_adapter_loads_in_peft_and_changes_output(smollm2_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slmops.models import resolve_model
+    from slmops.core.models import resolve_model
 
     out, _ = smollm2_run
     base_path = resolve_model("smollm2-135m-instruct").path
@@ -58,7 +58,7 @@ def test_sft_then_dpo_recipe_on_smollm2(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from slmops.models import resolve_model
+    from slmops.core.models import resolve_model
 
     out = tmp_path / "chain"
     result = CliRunner().invoke(cli, [

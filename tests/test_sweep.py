@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_recipe
+from conftest import PREFERENCE_DATA, SFT_DATA, write_recipe
 
 from slmops.cli import cli
-from slmops.errors import RecipeError, RunError
-from slmops.recipe import build_recipe, load_recipe
+from slmops.core.errors import RecipeError, RunError
+from slmops.training.recipe import build_recipe, load_recipe
 
 SEARCH = """search:
   sampler: {sampler}
@@ -26,7 +26,7 @@ def sweep_recipe(tmp_path: Path, model: Path, sampler: str = "tpe", extra: str =
     body = f"""model:
   name: {model}
 data:
-  file: h4rmony_alpaca.jsonl
+  file: {SFT_DATA}
   max_samples: 24
   max_seq_len: 64
   eval_split: 0.25
@@ -87,7 +87,7 @@ def test_bad_search_section(search, message):
 
 
 def test_trial_values_are_validated_like_overrides(tmp_path, tiny_model):
-    from slmops.sweep import trial_recipe
+    from slmops.training.sweep import trial_recipe
 
     recipe = load_recipe(str(sweep_recipe(tmp_path, tiny_model)))
     trial = trial_recipe(recipe, {"training.learning_rate": 0.05, "lora.r": 8})
@@ -99,7 +99,7 @@ def test_trial_values_are_validated_like_overrides(tmp_path, tiny_model):
 # --- sweeps ---------------------------------------------------------------------------------------
 
 
-def test_three_trial_sweep_picks_the_best_trial(tmp_path, tiny_model, shared_data, runs_index):
+def test_three_trial_sweep_picks_the_best_trial(tmp_path, tiny_model, runs_index):
     out = tmp_path / "sweep"
     code, msg = run("sweep", "-r", sweep_recipe(tmp_path, tiny_model, "tpe"), "-o", out, "--trials", "5")
     assert code == 0, msg
@@ -118,7 +118,7 @@ def test_three_trial_sweep_picks_the_best_trial(tmp_path, tiny_model, shared_dat
                             "folder": best["folder"]}
     assert f"best: trial {best['number']}, adapter {out / best['folder'] / 'adapter'}" in msg
     # the sweep folder exports as its best trial's adapter
-    from slmops.lora import load_adapter
+    from slmops.shipping.adapters import load_adapter
 
     assert load_adapter("best", out).path == (out / best["folder"] / "adapter").resolve()
     # the runs index: the sweep and its three trials, with metrics, durations, outputs and loss plots
@@ -137,7 +137,7 @@ def test_three_trial_sweep_picks_the_best_trial(tmp_path, tiny_model, shared_dat
 
 CRASH_ON_SECOND_TRIAL = """
 import os, signal, sys
-import slmops.finetune as f
+import slmops.training.finetune as f
 real, calls = f.finetune, []
 def crash(*args, **kwargs):
     calls.append(1)
@@ -150,7 +150,7 @@ cli(sys.argv[1:], prog_name="slmops")
 """
 
 
-def test_sweep_killed_mid_way_resumes_without_redoing_trials(tmp_path, tiny_model, shared_data, runs_index):
+def test_sweep_killed_mid_way_resumes_without_redoing_trials(tmp_path, tiny_model, runs_index):
     recipe = sweep_recipe(tmp_path, tiny_model, "tpe")
     out = tmp_path / "sweep"
     crashed = subprocess.run([sys.executable, "-c", CRASH_ON_SECOND_TRIAL, "sweep", "-r", str(recipe), "-o", str(out)],
@@ -181,8 +181,8 @@ def test_sweep_killed_mid_way_resumes_without_redoing_trials(tmp_path, tiny_mode
     assert body["best"] == whole["best"]
 
 
-def test_sweep_refusals(tmp_path, tiny_model, shared_data):
-    plain = write_recipe(tmp_path / "plain.yaml", f"model:\n  name: {tiny_model}\ndata:\n  file: h4rmony_alpaca.jsonl\n")
+def test_sweep_refusals(tmp_path, tiny_model):
+    plain = write_recipe(tmp_path / "plain.yaml", f"model:\n  name: {tiny_model}\ndata:\n  file: {SFT_DATA}\n")
     assert run("sweep", "-r", plain, "-o", tmp_path / "a") == (
         2, "Error: recipe plain has no `search` section; add one (search: {space: {lora.r: [8, 16]}}) to sweep it")
     no_eval = write_recipe(tmp_path / "no-eval.yaml", plain.read_text() + SEARCH.format(sampler="grid"))
@@ -199,8 +199,7 @@ def test_sweep_refusals(tmp_path, tiny_model, shared_data):
 
 
 def test_resume_without_output_finds_the_newest_interrupted_sweep(tmp_path, monkeypatch):
-    from slmops.finetune import interrupted_run
-    from slmops.sweep import interrupted_sweep
+    from slmops.training.outputs import interrupted_run, interrupted_sweep
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(RunError, match="nothing to resume: no interrupted sweep of recipe r under outputs/"):
@@ -215,9 +214,9 @@ def test_resume_without_output_finds_the_newest_interrupted_sweep(tmp_path, monk
     assert interrupted_run("r") == Path("outputs/r-20260103-000000")  # finetune --resume skips sweeps
 
 
-def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_model, shared_data, monkeypatch):
-    import slmops.finetune as finetune_module
-    from slmops.sweep import sweep
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_model, monkeypatch):
+    import slmops.training.finetune as finetune_module
+    from slmops.training.sweep import sweep
 
     real = finetune_module.finetune
 
@@ -234,9 +233,9 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_model,
     assert not list((tmp_path / "s" / "trials").glob(".slmops-*"))  # no leftovers of the failed trial
 
 
-def test_resume_refuses_a_changed_recipe_or_data(tmp_path, tiny_model, shared_data):
-    from slmops.recipe import recipe_to_yaml
-    from slmops.sweep import SweepResult, Trial, _previous_trials, _write_sweep, check_sweepable
+def test_resume_refuses_a_changed_recipe_or_data(tmp_path, tiny_model):
+    from slmops.training.recipe import recipe_to_yaml
+    from slmops.training.sweep import SweepResult, Trial, _previous_trials, _write_sweep, check_sweepable
 
     recipe = load_recipe(str(sweep_recipe(tmp_path, tiny_model)))
     identity = check_sweepable(recipe)
@@ -262,14 +261,14 @@ def test_resume_refuses_a_changed_recipe_or_data(tmp_path, tiny_model, shared_da
         _previous_trials(partial, recipe, identity)
 
 
-def test_dpo_sweep_optimises_preference_accuracy(tmp_path, tiny_model, shared_data):
+def test_dpo_sweep_optimises_preference_accuracy(tmp_path, tiny_model):
     body = f"""model:
   name: {tiny_model}
 dpo:
   data:
-    file: hh_rlhf_harmless_1k.jsonl
+    file: {PREFERENCE_DATA}
     max_samples: 12
-    eval_split: 0.01
+    eval_split: 0.1
   max_length: 64
   max_steps: 2
   batch_size: 2
@@ -299,7 +298,7 @@ search:
 # --- runs index and trackers -----------------------------------------------------------------------
 
 
-def test_finetune_is_indexed_and_a_torn_record_is_skipped(tmp_path, tiny_model, shared_data, runs_index):
+def test_finetune_is_indexed_and_a_torn_record_is_skipped(tmp_path, tiny_model, runs_index):
     recipe = sweep_recipe(tmp_path, tiny_model)
     assert run("finetune", "-r", recipe, "-o", tmp_path / "ft")[0] == 0
     assert run("finetune", "-r", recipe, "-o", tmp_path / "ft2", "--dry-run")[0] == 0  # plans are not runs
@@ -308,13 +307,13 @@ def test_finetune_is_indexed_and_a_torn_record_is_skipped(tmp_path, tiny_model, 
     (record,) = _runs()
     assert (record["kind"], record["status"], record["recipe"]) == ("finetune", "done", "sweep")
     assert record["metrics"]["sft"]["steps"] == 3 and record["outputs"]["adapter"] == str(tmp_path / "ft" / "adapter")
-    assert record["data"]["sft"]["path"].endswith("h4rmony_alpaca.jsonl")
+    assert record["data"]["sft"]["path"] == str(SFT_DATA)
     code, out = run("runs", "list")
     assert code == 0 and record["id"] in out and "done" in out
     assert run("runs", "show", "nope") == (2, f"Error: no run 'nope' in {runs_index}; `slmops runs list` shows the ids")
 
 
-def test_report_to_tensorboard_is_opt_in(tmp_path, tiny_model, shared_data, monkeypatch):
+def test_report_to_tensorboard_is_opt_in(tmp_path, tiny_model, monkeypatch):
     recipe = sweep_recipe(tmp_path, tiny_model)
     assert run("finetune", "-r", recipe, "-o", tmp_path / "plain")[0] == 0
     assert not (tmp_path / "plain" / "tensorboard").exists()

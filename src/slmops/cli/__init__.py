@@ -7,7 +7,7 @@ import logging
 import click
 
 from slmops import __version__
-from slmops.errors import SlmopsError, disk_full
+from slmops.core.errors import SlmopsError, disk_full
 
 
 class UserError(click.ClickException):
@@ -21,7 +21,7 @@ class UserError(click.ClickException):
 
 class SlmopsGroup(click.Group):
     def invoke(self, ctx: click.Context):
-        from slmops.compat import honour_interrupts
+        from slmops.core.compat import honour_interrupts
 
         try:
             with honour_interrupts():
@@ -31,16 +31,19 @@ class SlmopsGroup(click.Group):
             error.exit_code = exc.exit_code
             raise error from None
         except KeyboardInterrupt:
-            click.echo("\nInterrupted: partial output removed (a fine-tune keeps its last checkpoint for "
-                       "--resume).", err=True)
+            click.echo(
+                "\nInterrupted: partial output removed (a fine-tune keeps its last checkpoint for --resume).", err=True
+            )
             raise SystemExit(130) from None
         except Exception as exc:
             full = disk_full(exc)
             if full is None:
                 raise
             where = f" writing {full.filename}" if full.filename else ""
-            raise UserError(f"no space left on the device{where}; free some space, or write the output to "
-                            "another disk (-o/--output, SLMOPS_CACHE_DIR)") from None
+            raise UserError(
+                f"no space left on the device{where}; free some space, or write the output to "
+                "another disk (-o/--output, SLMOPS_CACHE_DIR)"
+            ) from None
 
 
 @click.group(cls=SlmopsGroup)
@@ -53,8 +56,8 @@ def cli(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from slmops.cli import eval as eval_cli
     from slmops.cli import bench, compare, doctor, export, finetune, generate, package, recipes, serve, sweep
+    from slmops.cli import eval as eval_cli
 
     cli.add_command(finetune.finetune_command)
     cli.add_command(sweep.sweep_command)

@@ -17,8 +17,8 @@ def doctor_command(as_json: bool) -> None:
 
     Exits 1 when a check fails (a command would not work), 0 otherwise.
     """
-    from slmops.doctor import run_checks
-    from slmops.privacy import go_offline
+    from slmops.core.doctor import run_checks
+    from slmops.core.privacy import go_offline
 
     go_offline(olive=False)
     checks = run_checks()

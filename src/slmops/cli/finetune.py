@@ -10,36 +10,62 @@ import click
 
 
 def report_to_option(f):
-    return click.option("--report-to", "report_to", multiple=True, type=click.Choice(["tensorboard", "wandb", "mlflow"]),
-                        help="Log training to an experiment tracker (repeatable; overrides training.report_to). "
-                             "Off by default.")(f)
+    return click.option(
+        "--report-to",
+        "report_to",
+        multiple=True,
+        type=click.Choice(["tensorboard", "wandb", "mlflow"]),
+        help="Log training to an experiment tracker (repeatable; overrides training.report_to). Off by default.",
+    )(f)
 
 
 @click.command("finetune")
 @click.option("-r", "--recipe", required=True, help="Recipe YAML path or shipped recipe name.")
 @click.option("-m", "--model", default=None, help="Model: alias, local HF folder or hub id (overrides model.name).")
 @click.option("-d", "--data", default=None, help="Data file or hub dataset id (overrides data.file / data.dataset).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Output folder (default: outputs/<recipe>-<time>). Must not exist.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe key, e.g. training.max_steps=20.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output folder (default: outputs/<recipe>-<time>). Must not exist.",
+)
+@click.option(
+    "--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe key, e.g. training.max_steps=20."
+)
 @click.option("--dry-run", is_flag=True, help="Write the Olive config and the resolved recipe, then stop.")
-@click.option("--resume", is_flag=True,
-              help="Continue an interrupted run from its last checkpoint (training.save_steps sets how often): "
-                   "the run for -o, else the recipe's newest under outputs/.")
-@click.option("--num-processes", type=click.IntRange(1, 1024), default=None,
-              help="Train in N data-parallel processes under accelerate (overrides distributed.num_processes).")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted run from its last checkpoint (training.save_steps sets how often): "
+    "the run for -o, else the recipe's newest under outputs/.",
+)
+@click.option(
+    "--num-processes",
+    type=click.IntRange(1, 1024),
+    default=None,
+    help="Train in N data-parallel processes under accelerate (overrides distributed.num_processes).",
+)
 @report_to_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def finetune_command(recipe, model, data, output, sets, dry_run, resume, num_processes, report_to, as_json) -> None:
     """Fine-tune a model (LoRA / QLoRA SFT, DPO) through Olive; writes a PEFT adapter."""
-    from slmops.recipe import load_recipe
-    from slmops.privacy import prepare_environment
+    from slmops.training.recipe import load_recipe, prepare_environment
 
-    r = load_recipe(recipe, flags={"model.name": model, "distributed.num_processes": num_processes,
-                                   "training.report_to": list(report_to) or None, **_data_flags(data)}, sets=list(sets))
+    r = load_recipe(
+        recipe,
+        flags={
+            "model.name": model,
+            "distributed.num_processes": num_processes,
+            "training.report_to": list(report_to) or None,
+            **data_flags(data),
+        },
+        sets=list(sets),
+    )
     prepare_environment(r)
-    from slmops.errors import RunError
-    from slmops.finetune import default_output, finetune, interrupted_run
+    from slmops.core.errors import RunError
+    from slmops.training.finetune import finetune
+    from slmops.training.outputs import default_output, interrupted_run
 
     if resume and dry_run:
         raise RunError("--resume continues training and --dry-run trains nothing; drop one of them")
@@ -49,8 +75,8 @@ def finetune_command(recipe, model, data, output, sets, dry_run, resume, num_pro
     if dry_run:
         result = finetune(r, output, dry_run=True)
     else:
-        from slmops import runs
-        from slmops.atomic import check_target
+        from slmops.core.files import check_target
+        from slmops.training import runs
 
         check_target(output, resume)  # an output that exists is refused before the run is indexed
         with runs.track("finetune", r.name, output, **runs.finetune_fields(r)) as record:
@@ -62,11 +88,11 @@ def finetune_command(recipe, model, data, output, sets, dry_run, resume, num_pro
         click.echo(_summary(r, result))
 
 
-def _data_flags(data: str | None) -> dict:
+def data_flags(data: str | None) -> dict:
     if data is None:
         return {}
-    from slmops.models import needs_hub
-    from slmops.recipe import UNSET
+    from slmops.core.models import needs_hub
+    from slmops.training.recipe import UNSET
 
     if needs_hub(data):
         return {"data.dataset": data, "data.file": UNSET}
@@ -79,8 +105,10 @@ REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
 def _summary(recipe, result) -> str:
     out = Path(result.output_dir)
     verb = "Planned" if result.dry_run else "Fine-tuned"
-    lines = [f"{verb} {recipe.model.name} with {recipe.method} (r={recipe.lora.r}, "
-             f"{', '.join(recipe.lora.target_modules)}), stages {' -> '.join(recipe.stages)} - recipe {recipe.name}"]
+    lines = [
+        f"{verb} {recipe.model.name} with {recipe.method} (r={recipe.lora.r}, "
+        f"{', '.join(recipe.lora.target_modules)}), stages {' -> '.join(recipe.stages)} - recipe {recipe.name}"
+    ]
     for stage in recipe.stages:
         n_train, n_eval = result.counts[stage]
         lines.append(f"  {stage:<13} {n_train} train, {n_eval} eval examples")
@@ -95,8 +123,10 @@ def _summary(recipe, result) -> str:
 def _stage_lines(stage) -> list[str]:
     lines = [f"    steps       {stage.steps}"]
     if stage.final_loss is not None:
-        lines.append(f"    train loss  {stage.first_loss:.4f} -> {stage.final_loss:.4f} "
-                     f"(mean of first/last {stage.loss_window} steps)")
+        lines.append(
+            f"    train loss  {stage.first_loss:.4f} -> {stage.final_loss:.4f} "
+            f"(mean of first/last {stage.loss_window} steps)"
+        )
     if stage.eval_loss is not None:
         start = f"{stage.eval_loss_start:.4f} -> " if stage.eval_loss_start is not None else ""
         lines.append(f"    eval loss   {start}{stage.eval_loss:.4f}")

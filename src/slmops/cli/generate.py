@@ -9,27 +9,34 @@ import click
 
 
 def sampling_options(f):
-    for option in reversed([
-        click.option("--max-new-tokens", type=click.IntRange(1, 65536), default=128, show_default=True),
-        click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True,
-                     help="0 is greedy."),
-        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True),
-        click.option("--top-k", type=click.IntRange(1), default=50, show_default=True),
-        click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible output)."),
-    ]):
+    for option in reversed(
+        [
+            click.option("--max-new-tokens", type=click.IntRange(1, 65536), default=128, show_default=True),
+            click.option(
+                "--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 is greedy."
+            ),
+            click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True),
+            click.option("--top-k", type=click.IntRange(1), default=50, show_default=True),
+            click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible output)."),
+        ]
+    ):
         f = option(f)
     return f
 
 
 def _sampling(max_new_tokens, temperature, top_p, top_k, seed):
-    from slmops.runtime import Sampling
+    from slmops.shipping.runtime import Sampling
 
     return Sampling(max_new_tokens, temperature, top_p, top_k, seed)
 
 
 def variant_option(f):
-    return click.option("--variant", default=None, help="For a model package: the variant to run (default: the "
-                        "first whose device this machine has, GPU/NPU before CPU).")(f)
+    return click.option(
+        "--variant",
+        default=None,
+        help="For a model package: the variant to run (default: the "
+        "first whose device this machine has, GPU/NPU before CPU).",
+    )(f)
 
 
 @click.command("generate")
@@ -45,8 +52,8 @@ def variant_option(f):
 @sampling_options
 def generate_command(bundle, adapter, merged, prompt, system, raw, stream, as_json, variant, **sampling) -> None:
     """Generate a reply from a bundle (base model, one adapter, or a merged variant)."""
-    from slmops.errors import RunError
-    from slmops.runtime import Completion, Runtime
+    from slmops.core.errors import RunError
+    from slmops.shipping.runtime import Completion, Runtime
 
     if adapter and merged:
         raise RunError("--adapter and --merged conflict: a merged variant has its adapter built in; pass one")
@@ -61,9 +68,19 @@ def generate_command(bundle, adapter, merged, prompt, system, raw, stream, as_js
         for _ in pieces:
             pass
         if as_json:
-            click.echo(json.dumps({"adapter": adapter, "merged": merged, "text": result.text, "prompt_tokens": result.prompt_tokens,
-                                   "completion_tokens": result.completion_tokens,
-                                   "finish_reason": result.finish_reason, "seconds": round(result.seconds, 3)}))
+            click.echo(
+                json.dumps(
+                    {
+                        "adapter": adapter,
+                        "merged": merged,
+                        "text": result.text,
+                        "prompt_tokens": result.prompt_tokens,
+                        "completion_tokens": result.completion_tokens,
+                        "finish_reason": result.finish_reason,
+                        "seconds": round(result.seconds, 3),
+                    }
+                )
+            )
         else:
             click.echo(result.text)
         return
@@ -71,8 +88,9 @@ def generate_command(bundle, adapter, merged, prompt, system, raw, stream, as_js
         click.echo(piece, nl=False)
     click.echo()
     rate = result.completion_tokens / result.seconds if result.seconds else 0.0
-    click.echo(f"[{adapter or 'base'}: {result.completion_tokens} tokens, {rate:.0f} tok/s, {result.finish_reason}]",
-               err=True)
+    click.echo(
+        f"[{adapter or 'base'}: {result.completion_tokens} tokens, {rate:.0f} tok/s, {result.finish_reason}]", err=True
+    )
 
 
 @click.command("chat")
@@ -83,16 +101,18 @@ def generate_command(bundle, adapter, merged, prompt, system, raw, stream, as_js
 @sampling_options
 def chat_command(bundle, adapter, system, variant, **sampling) -> None:
     """Talk to a bundle. /adapter NAME switches adapter (/adapter base for none), /reset, /quit."""
-    from slmops.errors import SlmopsError
-    from slmops.runtime import Runtime
+    from slmops.core.errors import SlmopsError
+    from slmops.shipping.runtime import Runtime
 
     rt = Runtime(bundle, variant=variant)
     if adapter:
         rt.load_adapter(adapter)
     options = _sampling(**sampling)
     history = [{"role": "system", "content": system}] if system else []
-    click.echo(f"adapters: {', '.join(rt.adapter_names) or 'none'}; now: {adapter or 'base'}. "
-               "/adapter NAME, /reset, /quit", err=True)
+    click.echo(
+        f"adapters: {', '.join(rt.adapter_names) or 'none'}; now: {adapter or 'base'}. /adapter NAME, /reset, /quit",
+        err=True,
+    )
     while True:
         try:
             line = click.prompt(f"{adapter or 'base'}>", prompt_suffix=" ", default="", show_default=False)
@@ -106,7 +126,7 @@ def chat_command(bundle, adapter, system, variant, **sampling) -> None:
             history = history[:1] if system else []
             continue
         if line.startswith("/adapter"):
-            name = line[len("/adapter"):].strip()
+            name = line[len("/adapter") :].strip()
             try:
                 if name and name != "base":
                     rt.load_adapter(name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from slmops.recipe import find_recipe, load_recipe, recipe_dirs, recipe_to_yaml
+from slmops.training.recipe import find_recipe, load_recipe, recipe_dirs, recipe_to_yaml
 
 
 @click.group("recipes")

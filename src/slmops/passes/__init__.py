@@ -1,1 +1,0 @@
-"""slmops' own Olive passes, registered through slmops.olive_config.package_config()."""

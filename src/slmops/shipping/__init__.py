@@ -1,0 +1,1 @@
+"""Shipping: export a bundle (base + adapters), package it, run it, serve it, check its fidelity."""

@@ -1,0 +1,1 @@
+"""Training: recipe -> data -> Olive config -> fine-tune (one or many processes), sweeps, the runs index."""

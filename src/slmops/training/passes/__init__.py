@@ -1,0 +1,1 @@
+"""slmops' own training passes for Olive (DPO, QLoRA), registered by slmops.core.workflows.package_config()."""
