@@ -28,7 +28,8 @@ class SlmopsGroup(click.Group):
                 return super().invoke(ctx)
         except SlmopsError as exc:
             error = UserError(str(exc))
-            error.exit_code = exc.exit_code
+            # click types exit_code as a ClassVar; its main() reads it from the instance, so this works
+            error.exit_code = exc.exit_code  # type: ignore[misc]
             raise error from None
         except KeyboardInterrupt:
             click.echo(
@@ -56,12 +57,12 @@ def cli(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from slmops.cli import bench, compare, doctor, export, finetune, generate, package, recipes, serve, sweep
+    from slmops.cli import bench, compare, doctor, export, finetune, generate, package, recipes, runs, serve, sweep
     from slmops.cli import eval as eval_cli
 
     cli.add_command(finetune.finetune_command)
     cli.add_command(sweep.sweep_command)
-    cli.add_command(sweep.runs_group)
+    cli.add_command(runs.runs_group)
     cli.add_command(export.export_command)
     cli.add_command(export.verify_command)
     cli.add_command(package.package_command)

@@ -172,6 +172,7 @@ def _matrix(
     r = load_recipe(recipe) if recipe else None
     named = parse_named_paths(adapters, "--adapter")
     if r and not named:
+        assert r.name is not None  # load_recipe names every recipe
         named = {r.name: latest_run(r.name)}
     wanted = bench_mod.matrix_cells(precisions)
     options = bench_mod.BenchOptions(
@@ -182,8 +183,12 @@ def _matrix(
     )
     if threads:
         options.threads = threads
-    name = model or r.model.name
-    out = output or default_matrix_output(r.name if r else Path(name).name)
+    if model:
+        name = model
+    else:
+        assert r is not None  # checked above: --matrix needs --recipe or --model
+        name = r.model.name
+    out = output or default_matrix_output(r.name if r and r.name is not None else Path(name).name)
     rows = bench_mod.matrix(name, named, wanted, options, out, progress=(lambda m: None) if as_json else _progress())
     written = write_matrix(rows, bench_mod.machine(), out, options.scenarios[0].name)
     if as_json:

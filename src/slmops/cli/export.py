@@ -161,6 +161,7 @@ def export_command(
     named = parse_named_paths(adapters, "--adapter")
     r = load_recipe(recipe) if recipe else None
     if r and not named and not into:
+        assert r.name is not None  # load_recipe names every recipe
         named = {r.name: latest_run(r.name)}
     settings = r.export if r else ExportSection()
     model_name = model or (r.model.name if r else None)
@@ -224,7 +225,10 @@ def export_command(
             raise RunError("--precision auto builds and measures its candidates: drop --dry-run, or name a precision")
         from slmops.measuring.precision_search import search
 
-        result, outcome = search(req, output, DEFAULT_MIN_AGREEMENT if floor is None else floor, texts, progress)
+        quiet = lambda _: None  # --json: no progress lines
+        result, outcome = search(
+            req, output, DEFAULT_MIN_AGREEMENT if floor is None else floor, texts, progress or quiet
+        )
         if not as_json:
             click.echo(_search_table(outcome))
     elif floor is not None or texts:
@@ -312,7 +316,7 @@ def verify_command(bundle, parity, model, adapters, texts, min_agreement, as_jso
     """Check every file of a bundle (or model package) against its manifest, and optionally its fidelity."""
     from slmops.core.errors import CheckFailed
     from slmops.shipping.bundle import check_files
-    from slmops.shipping.manifest import BundleError, read_manifest
+    from slmops.shipping.manifest import BundleError, BundleManifest, PackageManifest, read_manifest
     from slmops.shipping.package import check_package, is_package
 
     if (texts or min_agreement is not None) and not parity:
@@ -322,6 +326,7 @@ def verify_command(bundle, parity, model, adapters, texts, min_agreement, as_jso
 
         require_texts_file(texts)
 
+    manifest: BundleManifest | PackageManifest
     if is_package(bundle):
         if parity:
             raise BundleError("--parity runs on a bundle; pass one of the bundles this package was built from")

@@ -8,21 +8,32 @@ from pathlib import Path
 
 import click
 
+from slmops.core.choices import TRACKERS
+
 
 def report_to_option(f):
     return click.option(
         "--report-to",
         "report_to",
         multiple=True,
-        type=click.Choice(["tensorboard", "wandb", "mlflow"]),
+        type=click.Choice(TRACKERS),
         help="Log training to an experiment tracker (repeatable; overrides training.report_to). Off by default.",
+    )(f)
+
+
+def model_and_data_options(f):
+    """-m / -d: the recipe's model and data, overridden from the command line (finetune, sweep)."""
+    f = click.option(
+        "-d", "--data", default=None, help="Data file or hub dataset id (overrides data.file / data.dataset)."
+    )(f)
+    return click.option(
+        "-m", "--model", default=None, help="Model: alias, local HF folder or hub id (overrides model.name)."
     )(f)
 
 
 @click.command("finetune")
 @click.option("-r", "--recipe", required=True, help="Recipe YAML path or shipped recipe name.")
-@click.option("-m", "--model", default=None, help="Model: alias, local HF folder or hub id (overrides model.name).")
-@click.option("-d", "--data", default=None, help="Data file or hub dataset id (overrides data.file / data.dataset).")
+@model_and_data_options
 @click.option(
     "-o",
     "--output",
@@ -50,7 +61,7 @@ def report_to_option(f):
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def finetune_command(recipe, model, data, output, sets, dry_run, resume, num_processes, report_to, as_json) -> None:
     """Fine-tune a model (LoRA / QLoRA SFT, DPO) through Olive; writes a PEFT adapter."""
-    from slmops.training.recipe import load_recipe, prepare_environment
+    from slmops.training.recipe import data_overrides, load_recipe, prepare_environment
 
     r = load_recipe(
         recipe,
@@ -58,10 +69,11 @@ def finetune_command(recipe, model, data, output, sets, dry_run, resume, num_pro
             "model.name": model,
             "distributed.num_processes": num_processes,
             "training.report_to": list(report_to) or None,
-            **data_flags(data),
+            **data_overrides(data),
         },
         sets=list(sets),
     )
+    assert r.name is not None  # load_recipe names every recipe
     prepare_environment(r)
     from slmops.core.errors import RunError
     from slmops.training.finetune import finetune
@@ -86,17 +98,6 @@ def finetune_command(recipe, model, data, output, sets, dry_run, resume, num_pro
         click.echo(json.dumps({k: v for k, v in asdict(result).items() if k != "log"}, indent=2))
     else:
         click.echo(_summary(r, result))
-
-
-def data_flags(data: str | None) -> dict:
-    if data is None:
-        return {}
-    from slmops.core.models import needs_hub
-    from slmops.training.recipe import UNSET
-
-    if needs_hub(data):
-        return {"data.dataset": data, "data.file": UNSET}
-    return {"data.file": data, "data.dataset": UNSET}
 
 
 REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")

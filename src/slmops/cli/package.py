@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -26,7 +27,7 @@ def package_command(bundles, output, name, version, as_json) -> None:
     from slmops.shipping.package import build_package, package_path
 
     manifest = build_package(list(bundles), output, name, version)
-    out = {
+    out: dict[str, Any] = {
         "package": str(package_path(output)),
         "variants": {v: m.target.execution_provider for v, m in manifest.variants.items()},
         "adapters": manifest.adapters,

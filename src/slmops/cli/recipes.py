@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import click
 
 from slmops.training.recipe import find_recipe, load_recipe, recipe_dirs, recipe_to_yaml
@@ -28,7 +30,8 @@ def list_command() -> None:
     for path in _shipped():
         r = load_recipe(str(path))
         sections = [r.data, r.dpo.data if r.dpo else None]
-        data = " + ".join(s.file or s.dataset for s in sections if s is not None)
+        # cast: a data section's validator requires `file` or `dataset`
+        data = " + ".join(cast(str, s.file or s.dataset) for s in sections if s is not None)
         click.echo(f"{path.stem:32} {'+'.join(r.stages):8} {r.method:6} {r.model.name:24} {data}")
 
 

@@ -60,3 +60,8 @@ def available_targets() -> list[str]:
 
         found = [n for n in found if n != "cuda" or og.is_cuda_available()]
     return found
+
+
+Tracker = Literal["tensorboard", "wandb", "mlflow"]  # training.report_to / --report-to
+TRACKERS: tuple[str, ...] = get_args(Tracker)
+LrScheduler = Literal["constant", "linear", "cosine", "constant_with_warmup"]

@@ -70,7 +70,7 @@ def output_lock(target: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def write_file(path: Path, write: Callable[[Path], None], fsync: bool = False) -> None:
+def write_file(path: Path, write: Callable[[Path], object], fsync: bool = False) -> None:
     """Write one file whole or not at all: `write` fills a hidden temporary file beside `path`, which is
     then renamed over it (fsync first, when a power cut must not leave an empty file)."""
     path = Path(path)

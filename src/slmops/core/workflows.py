@@ -27,7 +27,7 @@ def workflow(
     """An Olive workflow with its cache and output under work_dir, on this machine unless `system` names
     another (a Docker image or Python environment: Olive runs the passes there)."""
     name = "local_system" if system is None or system["type"] == "LocalSystem" else system["type"].lower()
-    config = {"input_model": input_model, "systems": {name: system or {"type": "LocalSystem"}}}
+    config: dict[str, Any] = {"input_model": input_model, "systems": {name: system or {"type": "LocalSystem"}}}
     if data_configs is not None:
         config["data_configs"] = data_configs
     return {
@@ -154,7 +154,7 @@ def validate_with_olive(config: dict, device: str = "cpu", provider: str = "CPUE
 def _first_line(exc: Exception) -> str:
     """Olive's complaint in one line; for pydantic errors, 'field: message' per field."""
     if hasattr(exc, "errors"):
-        seen = {}
+        seen: dict[str, str] = {}
         for err in exc.errors():
             seen.setdefault(str(err["loc"][0]) if err["loc"] else "config", err["msg"])
         return "; ".join(f"{field}: {msg}" for field, msg in seen.items())
@@ -180,7 +180,8 @@ class OliveErrors(logging.Filter):
 
     def __init__(self, verbose: bool):
         super().__init__()
-        self.verbose, self.last = verbose, None
+        self.verbose = verbose
+        self.last: Optional[BaseException] = None
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.exc_info[1] is not None:
@@ -192,7 +193,7 @@ class OliveErrors(logging.Filter):
     def fail(self, what: str) -> NoReturn:
         """Raise the failure: a full disk as the exception itself (the CLI names it), else one RunError line."""
         exc = self.last
-        if disk_full(exc) is not None:
+        if exc is not None and disk_full(exc) is not None:
             raise exc
         why = f" ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})" if exc is not None else ""
         raise RunError(f"{what}{why}; rerun with --verbose to see Olive's log")
@@ -206,9 +207,9 @@ def library_output_to_stderr() -> Iterator[OliveErrors]:
     """
     errors = OliveErrors(verbose=verbose())
     olive = logging.getLogger("olive")
-    olive_handlers = [h for h in olive.handlers if getattr(h, "stream", None) is sys.stdout]
-    for handler in olive_handlers:
-        handler.setStream(sys.stderr)
+    olive_handlers = [h for h in olive.handlers if isinstance(h, logging.StreamHandler) and h.stream is sys.stdout]
+    for stdout_handler in olive_handlers:
+        stdout_handler.setStream(sys.stderr)
     for handler in olive.handlers:
         handler.addFilter(errors)
     try:
@@ -217,5 +218,5 @@ def library_output_to_stderr() -> Iterator[OliveErrors]:
     finally:
         for handler in olive.handlers:
             handler.removeFilter(errors)
-        for handler in olive_handlers:
-            handler.setStream(sys.stdout)
+        for stdout_handler in olive_handlers:
+            stdout_handler.setStream(sys.stdout)

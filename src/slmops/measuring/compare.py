@@ -221,13 +221,13 @@ def _load(model_path: Path, folders: dict[str, Path]):
     """The base once, with every adapter loaded into it by name."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = tokenizer.truncation_side = "left"  # generation continues the prompt's end
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model: PreTrainedModel | PeftModel = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     name = None
     try:
         for name, folder in folders.items():

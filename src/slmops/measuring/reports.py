@@ -33,6 +33,7 @@ def _cells(row: Row) -> list[str]:
             out.append(f"{row.decode_tps_min:.0f}-{row.decode_tps_max:.0f}")
         else:
             value = getattr(row, name)
+            assert fmt is not None  # every column with a Row field has a format
             out.append("-" if value is None else fmt.format(value))
     return out
 
@@ -139,7 +140,7 @@ def charts(report: Report, folder: Path) -> list[str]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    series = {}
+    series: dict[str, list[tuple[int, float]]] = {}
     for r in report.rows:
         series.setdefault(f"{r.engine} {r.variant} / {r.adapter}", []).append((r.prompt_tokens, r.e2e_ms))
     for label, points in series.items():

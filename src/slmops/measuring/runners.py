@@ -15,6 +15,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 
 def sample(prompt_tokens: int, new_tokens: int, prefill_s: float, first_s: float, total_s: float) -> dict:
@@ -108,7 +109,7 @@ class TorchRunner:
             from slmops.core.models import with_adapters
 
             self.model = with_adapters(self.base, adapters)
-        self.warm = set()
+        self.warm: set[tuple[str, int]] = set()
 
     def jobs(self):
         return jobs(self.engine, {"adapters": self.names})
@@ -136,6 +137,7 @@ class TorchRunner:
                 input_ids=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=clock, **kwargs
             )
             total = time.perf_counter() - start
+        assert clock.first is not None  # scenarios generate at least 2 new tokens (parse_scenario)
         return dict(sample(len(ids), new_tokens, prefill, clock.first, total), tokens=out[0, len(ids) :].tolist())
 
 
@@ -182,6 +184,7 @@ class LlamaCppRunner:
             first = first if first is not None else time.perf_counter() - start
             if count < new_tokens:
                 self.llm.eval([tokens[-1]])
+        assert first is not None  # scenarios generate at least 2 new tokens (parse_scenario)
         return dict(sample(len(ids), new_tokens, prefill, first, time.perf_counter() - start), tokens=tokens)
 
 
@@ -233,7 +236,7 @@ def bandwidth(threads: int, size_mb: int = 512, rounds: int = 10, **_) -> dict:
     torch.set_num_threads(threads)
     data = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32)
     best = float("inf")
-    for _ in range(rounds):
+    for _round in range(rounds):
         start = time.perf_counter()
         data.sum()
         best = min(best, time.perf_counter() - start)
@@ -254,7 +257,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-ENGINES = {"interleaved": interleaved, "bandwidth": bandwidth}
+ENGINES: dict[str, Callable[..., dict]] = {"interleaved": interleaved, "bandwidth": bandwidth}
 
 
 if __name__ == "__main__":

@@ -240,6 +240,7 @@ def _matmul_weights(adapter: Adapter) -> dict:
     with safe_open(str(adapter.path / "adapter_model.safetensors"), framework="pt") as fh:
         for key in fh.keys():
             match = _KEY.search(key)
+            assert match is not None  # load_adapter (_shapes) checked every key
             layer, module, ab = int(match.group(1)), match.group(2), match.group(3)
             tensor = fh.get_tensor(key).float()
             if ab == "B":

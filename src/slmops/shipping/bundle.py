@@ -31,7 +31,7 @@ _PACKAGES = ("slmops", "olive-ai", "onnxruntime", "onnxruntime-genai", "onnx", "
 def versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {}
+    out: dict[str, str | None] = {}
     for pkg in _PACKAGES:
         try:
             out[pkg] = version(pkg)

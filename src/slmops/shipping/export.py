@@ -15,7 +15,7 @@ import logging
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from slmops.core.choices import FALLBACK_INT4_ALGO
 from slmops.core.errors import RunError
@@ -238,6 +238,7 @@ def _export_job(job: Path) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         logging.getLogger("slmops").setLevel(logging.INFO)  # Olive's log follows it (workflows.verbose)
     go_offline(allow_hub=os.environ.get("HF_HUB_OFFLINE") != "1")  # as the parent decided; Olive's telemetry off
+    outcome: ExportResult | str
     try:
         outcome = export(req, output)
     except SlmopsError as exc:
@@ -262,7 +263,7 @@ def render_export(
 
     kv_scales: the calibrated scale file, for an int8 KV cache."""
     gguf = quant.precision == "int4" and quant.int4_algo == "gguf"
-    builder = {
+    builder: dict[str, Any] = {
         "type": "SlmopsModelBuilder",
         "precision": "fp32" if quant.precision == "int8" or gguf else quant.precision,
     }
@@ -429,7 +430,7 @@ def _check_base(adapter: lora.Adapter, model: ResolvedModel, fingerprint: str) -
     """An adapter from `slmops finetune` records its base's fingerprint: a different base is refused."""
     recorded = ((adapter.run or {}).get("model") or {}).get("sha256")
     if recorded and recorded != fingerprint:
-        trained_on = (adapter.run.get("model") or {}).get("name", "another model")
+        trained_on = ((adapter.run or {}).get("model") or {}).get("name", "another model")
         raise RunError(
             f"adapter '{adapter.name}' was trained on {trained_on} (weights sha256 {recorded[:12]}), "
             f"not on {model.name} ({fingerprint[:12]}); export it with --model {trained_on}"

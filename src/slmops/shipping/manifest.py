@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -27,6 +27,9 @@ class BundleError(SlmopsError):
 
 class Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+_R = TypeVar("_R", bound=Record)
 
 
 class BaseInfo(Record):
@@ -176,7 +179,7 @@ def _json(path: Path, fix: str) -> dict:
     return raw
 
 
-def _parse(model: type, raw: dict, path: Path, kind: str, fix: str):
+def _parse(model: type[_R], raw: dict, path: Path, kind: str, fix: str) -> _R:
     if raw.get("format") != kind:
         raise BundleError(f"{path} is not an {kind.replace('-', ' ')} manifest; {fix}")
     if raw.get("format_version") != FORMAT_VERSION:

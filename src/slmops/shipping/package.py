@@ -114,8 +114,8 @@ def build_package(
     from slmops.core.files import atomic_dir
 
     variants = check_bundles(bundles)
-    for path, manifest in variants.values():
-        check = check_files(path, manifest.files)
+    for path, bundle_manifest in variants.values():
+        check = check_files(path, bundle_manifest.files)
         if not check.ok:
             raise BundleError(
                 f"bundle {path} does not match its manifest ({len(check.missing)} missing, "

@@ -106,6 +106,7 @@ def recorded_texts(manifest: BundleManifest, tokenizer, max_texts: int = MAX_TEX
         if not (folder / "recipe.yaml").is_file():
             continue
         recipe = load_recipe(str(folder / "recipe.yaml"))
+        assert recipe.name is not None  # load_recipe names every recipe
         run = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
         held = _held_out(recipe, run.get("data") or {}, tokenizer)
         if held:

@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from slmops.core.choices import PROVIDERS, available_targets
 from slmops.shipping.manifest import BundleError, BundleManifest, read_manifest
@@ -63,7 +63,7 @@ class Runtime:
         import onnxruntime_genai as og
 
         self.path = self.source = Path(bundle)  # path: the bundle, or a package variant's flat view
-        self.variant = None
+        self.variant: Optional[str] = None
         if is_package(self.path):
             self.path = self._open_package(self.path, variant, merged)
         elif variant is not None:
@@ -150,7 +150,7 @@ class Runtime:
                 f"prompt is {len(tokens)} tokens, the model's context is {self.context_length}; shorten the prompt"
             )
         params = og.GeneratorParams(self.model)
-        options = dict(
+        options: dict[str, Any] = dict(
             max_length=len(tokens) + min(sampling.max_new_tokens, budget), do_sample=sampling.temperature > 0
         )
         if sampling.temperature > 0:

@@ -104,12 +104,13 @@ def create_app(bundle: Path, options: ServeOptions = ServeOptions()):
     base_id = "base"
     created = int(time.time())
     app = FastAPI(title="slmops", docs_url=None, redoc_url=None, openapi_url=None)
-    state = {"gate": None}
+    state: dict[str, Optional[Gate]] = {"gate": None}
 
     def gate() -> Gate:
-        if state["gate"] is None:  # made inside the server's event loop
-            state["gate"] = Gate(options.workers, options.max_queue)
-        return state["gate"]
+        current = state["gate"]
+        if current is None:  # made inside the server's event loop
+            current = state["gate"] = Gate(options.workers, options.max_queue)
+        return current
 
     @app.middleware("http")
     async def guard(request: Request, call_next):

@@ -102,6 +102,7 @@ def read_rows(source: DataSource) -> list[Row]:
     if source.dataset and not source.path:
         rows = _read_hub(source)  # `datasets` slices the split itself
     else:
+        assert source.path is not None  # locate() gives every source a path or a dataset
         rows = _read_file(Path(source.path))
         rows = [rows[i] for i in split_range(source.split, len(rows), source.label)]
     if not rows:
@@ -300,6 +301,7 @@ def normalise_sft(rows: list[Row], label: str, fmt: str = "auto", template: Opti
     problems, examples = Problems(label), []
     for number, row in rows:
         if fmt == "template":
+            assert template is not None  # checked before the loop
             example = _template_row(template, number, row, problems)
         else:
             example = _sft_row(fmt, number, row, problems)
@@ -456,6 +458,7 @@ def _preference_row(number: int, row: dict, problems: Problems) -> Optional[dict
 
 def _explicit_preference(number: int, row: dict, problems: Problems) -> Optional[dict]:
     prompt = row["prompt"]
+    messages: Optional[list[dict]]
     if isinstance(prompt, str):
         messages = _transcript_to_messages(prompt) or [{"role": "user", "content": prompt}]
     else:

@@ -80,7 +80,7 @@ def plan(recipe: Recipe) -> Plan:
         sft, sft_eval = data_mod.locate_section(d)
         sources = replace(sources, sft=sft, sft_eval=sft_eval)
         train, held = data_mod.load_splits(
-            sources.sft,
+            sft,
             "sft",
             d.format,
             eval_source=sources.sft_eval,
@@ -97,7 +97,7 @@ def plan(recipe: Recipe) -> Plan:
         dpo, dpo_eval = data_mod.locate_section(p)
         sources = replace(sources, dpo=dpo, dpo_eval=dpo_eval)
         train, held = data_mod.load_splits(
-            sources.dpo,
+            dpo,
             "preference",
             eval_source=sources.dpo_eval,
             eval_split=p.eval_split,
@@ -292,7 +292,7 @@ def _mean(values) -> float:
 def _run_record(p: Plan, result: FinetuneResult) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    versions = {}
+    versions: dict[str, str | None] = {}
     for pkg in ("slmops", "olive-ai", "torch", "transformers", "peft", "trl", "datasets"):
         try:
             versions[pkg] = version(pkg)

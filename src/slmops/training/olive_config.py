@@ -6,7 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from slmops.core.workflows import validate_with_olive, workflow
 from slmops.training.data import DataSource
@@ -63,7 +63,7 @@ def render_finetune(recipe: Recipe, model_path: str, sources: Sources, work_dir:
             for n, part in (("dpo_train_data", "train"), ("dpo_eval_data", "eval"))[: 1 + has_eval]
         ]
         passes[DPO_PASS] = _dpo_pass(recipe, has_eval, work_dir)
-    load_kwargs = {"trust_remote_code": recipe.model.trust_remote_code}
+    load_kwargs: dict[str, Any] = {"trust_remote_code": recipe.model.trust_remote_code}
     if recipe.model.load_in_8bit:
         # Olive's LoRA pass loads the base with these: the frozen weights in bitsandbytes int8.
         load_kwargs.update(quantization_method="bitsandbytes", quantization_config={"load_in_8bit": True})
@@ -76,6 +76,7 @@ def render_finetune(recipe: Recipe, model_path: str, sources: Sources, work_dir:
 
 def _sft_data_config(name: str, part: str, recipe: Recipe, model_path: str, sources: Sources) -> dict:
     d = recipe.data
+    assert d is not None and sources.sft is not None  # render_finetune calls this only for a recipe with data
     return {
         "name": name,
         "type": "DataContainer",
@@ -107,6 +108,7 @@ def _sft_data_config(name: str, part: str, recipe: Recipe, model_path: str, sour
 
 
 def _preference_data_config(name: str, part: str, recipe: Recipe, sources: Sources) -> dict:
+    assert recipe.dpo is not None and sources.dpo is not None  # render_finetune: only for a recipe with dpo
     p = recipe.dpo.data
     return {
         "name": name,
@@ -130,6 +132,7 @@ def _preference_data_config(name: str, part: str, recipe: Recipe, sources: Sourc
 
 def _dpo_pass(recipe: Recipe, has_eval: bool, work_dir: str) -> dict:
     dpo, lora = recipe.dpo, recipe.lora
+    assert dpo is not None  # render_finetune calls this only for a recipe with dpo
     config = {
         "type": "DPO",
         "train_data_config": "dpo_train_data",

@@ -7,12 +7,21 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Any, Literal, Optional, Sequence, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from slmops.core.choices import AccuracyLevel, BlockSize, Int4Algo, KvCache, PrecisionChoice, Target
+from slmops.core.choices import (
+    AccuracyLevel,
+    BlockSize,
+    Int4Algo,
+    KvCache,
+    LrScheduler,
+    PrecisionChoice,
+    Target,
+    Tracker,
+)
 from slmops.core.errors import RecipeError
 from slmops.core.models import DEFAULT_MODEL
 
@@ -169,7 +178,7 @@ class DpoSection(Section):
         512, ge=16, description="Tokens per prompt + answer; prompts lose their oldest turns first."
     )
     learning_rate: float = Field(5e-5, gt=0, lt=1, description="Peak learning rate.")
-    lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "linear"
+    lr_scheduler: LrScheduler = "linear"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1 trains for `epochs` instead.")
     epochs: float = Field(1.0, gt=0)
@@ -204,7 +213,7 @@ class TrainingSection(Section):
     batch_size: int = Field(2, ge=1, le=4096, description="Examples per device per step.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate (AdamW).")
-    lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "constant"
+    lr_scheduler: LrScheduler = "constant"
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -215,7 +224,7 @@ class TrainingSection(Section):
         description="Optimizer; default adamw_torch for lora, paged_adamw_32bit for qlora (Olive's QLoRA default).",
     )
     logging_steps: int = Field(1, ge=1, description="Log the loss every N steps.")
-    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+    report_to: list[Tracker] = Field(
         default_factory=list, description="Experiment trackers the trainers log to (opt-in; none by default)."
     )
     save_steps: Optional[int] = Field(None, ge=1, description="Checkpoint every N steps (default: at the end).")
@@ -440,22 +449,14 @@ UNSET = object()  # a CLI flag value that clears a recipe key (None means "flag 
 
 def recipe_dirs() -> list[Path]:
     """Where shipped recipes are looked up: ./recipes, then the ones installed with slmops (the repository's
-    recipes/, packaged as slmops.recipes), then a source checkout's recipes/."""
-    dirs = [Path.cwd() / "recipes", *_installed_recipes(), Path(__file__).resolve().parents[3] / "recipes"]
+    recipes/ is packaged as slmops/recipes/ in a wheel), then a source checkout's recipes/."""
+    package = Path(__file__).resolve().parents[1]  # src/slmops, or site-packages/slmops
+    dirs = [Path.cwd() / "recipes", package / "recipes", package.parents[1] / "recipes"]
     unique: list[Path] = []
     for d in dirs:
         if d.is_dir() and d.resolve() not in [u.resolve() for u in unique]:
             unique.append(d)
     return unique
-
-
-def _installed_recipes() -> list[Path]:
-    from importlib.resources import files
-
-    try:
-        return [Path(str(files("slmops.recipes")))]
-    except (ModuleNotFoundError, TypeError):  # an editable install without the mapping: the checkout has them
-        return []
 
 
 def find_recipe(name_or_path: str) -> Path:
@@ -509,7 +510,7 @@ def apply_override(raw: dict[str, Any], keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-def build_recipe(raw: dict[str, Any], source: str, overrides: list[tuple[list[str], Any]] = ()) -> Recipe:
+def build_recipe(raw: dict[str, Any], source: str, overrides: Sequence[tuple[list[str], Any]] = ()) -> Recipe:
     """Validate a raw mapping (with overrides applied) into a Recipe, or raise one RecipeError."""
     for keys, value in overrides:
         apply_override(raw, keys, value)
@@ -519,7 +520,7 @@ def build_recipe(raw: dict[str, Any], source: str, overrides: list[tuple[list[st
         raise RecipeError(f"recipe {source}: {format_validation_error(exc)}") from None
 
 
-def load_recipe(name_or_path: str, flags: dict[str, Any] | None = None, sets: list[str] = ()) -> Recipe:
+def load_recipe(name_or_path: str, flags: dict[str, Any] | None = None, sets: Sequence[str] = ()) -> Recipe:
     """Load a recipe file, apply CLI flags (dotted key -> value) then --set overrides, validate."""
     path = find_recipe(name_or_path)
     raw = read_recipe_file(path)
@@ -593,3 +594,14 @@ def prepare_environment(recipe: Recipe) -> None:
     from slmops.core.privacy import go_offline
 
     go_offline(allow_hub=recipe_needs_hub(recipe))
+
+
+def data_overrides(data: str | None) -> dict:
+    """`-d DATA` as recipe overrides: a hub dataset id sets data.dataset, anything else data.file."""
+    if data is None:
+        return {}
+    from slmops.core.models import needs_hub
+
+    if needs_hub(data):
+        return {"data.dataset": data, "data.file": UNSET}
+    return {"data.file": data, "data.dataset": UNSET}

@@ -108,6 +108,7 @@ def check_sweepable(recipe: Recipe) -> dict:
 
 
 def space_size(recipe: Recipe) -> int:
+    assert recipe.search is not None  # check_sweepable refuses a recipe without one
     return math.prod(len(values) for values in recipe.search.choices().values())
 
 
@@ -116,6 +117,8 @@ def sweep(
 ) -> SweepResult:
     """Run the sweep (or continue it with resume) and return every trial and the best."""
     identity = check_sweepable(recipe)
+    assert recipe.search is not None and recipe.objective is not None  # check_sweepable refuses a recipe without
+    assert recipe.name is not None  # load_recipe names every recipe
     n_trials = min(trials or recipe.search.trials, space_size(recipe))
     if progress and n_trials < (trials or recipe.search.trials):
         progress(f"the search space has {n_trials} points: {n_trials} trials")
@@ -179,6 +182,7 @@ def _proposals(recipe: Recipe, n_trials: int, result: SweepResult) -> Iterator[t
     from olive.search.search_strategy import SearchStrategy
 
     search, objective = recipe.search, recipe.objective
+    assert search is not None and objective is not None  # sweep() ran check_sweepable
     higher = _HIGHER_IS_BETTER[objective]
     config = {"max_samples": n_trials, **({} if search.sampler == "grid" else {"seed": search.seed})}
     strategy = SearchStrategy(
@@ -217,6 +221,7 @@ def _run_trial(recipe: Recipe, number: int, params: dict, sweep_dir: Path, sweep
         progress(f"trial {number}: {_params_text(params)}" + (" (resuming)" if resume else ""))
     start = time.monotonic()
     r = trial_recipe(recipe, params)  # checked for every value before the sweep started
+    assert recipe.name is not None and recipe.objective is not None  # sweep() checked both
     try:
         final = final_folder(sweep_dir) / folder  # where the trial lives once the sweep is complete
         with runs.track(
@@ -284,6 +289,7 @@ def _write_sweep(
     kept so that a resume cut off again loses none of them."""
     best = result.best
     later = [t for n, t in sorted((pending or {}).items()) if n >= len(result.trials)]
+    assert recipe.search is not None  # check_sweepable refuses a recipe without one
     body = {
         "recipe": recipe.name,
         "sampler": recipe.search.sampler,

@@ -14,7 +14,7 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from slmops.core.errors import RunError
 
@@ -22,7 +22,7 @@ from slmops.core.errors import RunError
 _NEEDS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
 
 
-def check_trackers(report_to: list[str]) -> None:
+def check_trackers(report_to: Sequence[str]) -> None:
     for tracker in report_to:
         if not any(importlib.util.find_spec(module) for module in _NEEDS[tracker]):
             raise RunError(
@@ -33,10 +33,10 @@ def check_trackers(report_to: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def tracker_environment(report_to: list[str], run_name: str) -> Iterator[None]:
+def tracker_environment(report_to: Sequence[str], run_name: str) -> Iterator[None]:
     """Set where MLflow and wandb write (unless already set) for the length of a run."""
     here = Path.cwd().absolute()
-    wanted = {}
+    wanted: dict[str, str] = {}
     if "mlflow" in report_to:
         wanted.update(MLFLOW_TRACKING_URI=(here / "mlruns").as_uri(), MLFLOW_EXPERIMENT_NAME=run_name)
     if "wandb" in report_to:

@@ -46,7 +46,7 @@ _ATTENTION_OPS = {"GroupQueryAttention"}
 @dataclass
 class _Member:
     module: str
-    base: object  # onnx NodeProto of the base MatMul / MatMulNBits
+    base: onnx.NodeProto  # the base MatMul / MatMulNBits
     lora: Optional[tuple]  # (A node, B node, Add node), or None
     out: str  # the tensor the rest of the graph reads: the LoRA Add's output, or the base's
 
@@ -65,6 +65,12 @@ class _Graph:
 
     def array(self, name: str) -> Optional[np.ndarray]:
         return numpy_helper.to_array(self.init[name]) if name in self.init else None
+
+    def weight(self, name: str) -> np.ndarray:
+        """An initializer the caller has already checked is there (_compatible, _lora_chain), as an array."""
+        array = self.array(name)
+        assert array is not None, name
+        return array
 
     def attrs(self, node) -> dict:
         return {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -110,7 +116,7 @@ def _lora_chain(g: _Graph, add, base) -> Optional[tuple]:
     b_out = next((i for i in add.input if i != base.output[0]), None)
     b = g.producer.get(b_out)
     a = g.producer.get(b.input[0]) if b is not None and b.op_type == "MatMul" else None
-    if a is None or a.op_type != "MatMul" or a.input[0] != base.input[0]:
+    if a is None or b is None or a.op_type != "MatMul" or a.input[0] != base.input[0]:
         return None
     if b.input[1] not in g.init or a.input[1] not in g.init:
         return None
@@ -124,10 +130,11 @@ def _compatible(g: _Graph, bases: list) -> bool:
         return False
     if bases[0].op_type == "MatMul":
         weights = [g.array(b.input[1]) for b in bases]
+        matrices = [w for w in weights if w is not None and w.ndim == 2]
         return (
-            all(w is not None and w.ndim == 2 for w in weights)
-            and len({w.shape[0] for w in weights}) == 1
-            and len({w.dtype for w in weights}) == 1
+            len(matrices) == len(weights)
+            and len({w.shape[0] for w in matrices}) == 1
+            and len({w.dtype for w in matrices}) == 1
         )
     attrs = [g.attrs(b) for b in bases]
     same = all(len({a.get(k) for a in attrs}) == 1 for k in ("K", "block_size", "accuracy_level"))
@@ -202,7 +209,7 @@ def _packed_base(g: _Graph, members: list[_Member], prefix: str, init_prefix: st
     """One base node over all members' weights, and the members' output widths."""
     bases = [m.base for m in members]
     if bases[0].op_type == "MatMul":
-        weights = [g.array(b.input[1]) for b in bases]
+        weights = [g.weight(b.input[1]) for b in bases]
         name = f"{init_prefix}.MatMul.weight"
         node = helper.make_node("MatMul", [x, name], [f"{prefix}/MatMul/output_0"], name=f"{prefix}/MatMul")
         return node, [numpy_helper.from_array(np.concatenate(weights, axis=1), name)], [w.shape[1] for w in weights]
@@ -236,9 +243,9 @@ def _packed_base(g: _Graph, members: list[_Member], prefix: str, init_prefix: st
 def _nbits_arrays(g: _Graph, node, attrs: dict, n_blocks: int, bits: int):
     """(weight blocks, scales, zero points) of one MatMulNBits, widened to `bits` without changing a value."""
     n, block = attrs["N"], attrs["block_size"]
-    weight = g.array(node.input[1]).reshape(n, n_blocks, -1)
-    scale = g.array(node.input[2]).reshape(n, n_blocks)
-    zp = g.array(node.input[3]).reshape(n, -1) if len(node.input) > 3 and node.input[3] else None
+    weight = g.weight(node.input[1]).reshape(n, n_blocks, -1)
+    scale = g.weight(node.input[2]).reshape(n, n_blocks)
+    zp = g.weight(node.input[3]).reshape(n, -1) if len(node.input) > 3 and node.input[3] else None
     if attrs.get("bits", 4) == bits:
         return weight, scale, zp
     # 4 -> 8 bits: value = (q - zp) * scale holds with the same q, zp and scale, one per byte.

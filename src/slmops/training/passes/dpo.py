@@ -16,7 +16,7 @@ import os
 import tempfile
 from copy import deepcopy
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, cast
 
 from olive.data.config import DataConfig
 from olive.hardware.accelerator import AcceleratorSpec
@@ -94,6 +94,7 @@ class DPO(Pass):
     def _run_for_config(
         self, model: HfModelHandler, config: type[BasePassConfig], output_model_path: str
     ) -> HfModelHandler:
+        from peft import PeftModel
         from trl import DPOTrainer
 
         tokenizer = model.get_hf_tokenizer()
@@ -125,7 +126,10 @@ class DPO(Pass):
                 (Path(args.output_dir) / "log_history.json").write_text(json.dumps(trainer.state.log_history))
             adapter_path = Path(output_model_path) / "adapter"
             adapter_path.mkdir(parents=True, exist_ok=True)
-            trainer.model.save_pretrained(adapter_path, selected_adapters=["default"], save_embedding_layers=False)
+            # A PeftModel: the policy came with its adapter, or the trainer wrapped it with peft_config.
+            cast(PeftModel, trainer.model).save_pretrained(
+                str(adapter_path), selected_adapters=["default"], save_embedding_layers=False
+            )
         del trainer, policy
         output = deepcopy(model)
         output.set_resource("adapter_path", adapter_path)
