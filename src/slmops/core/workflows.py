@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, NoReturn, Optional
 
+from slmops.core.choices import PRECISIONS
 from slmops.core.compat import olive_cwd, raise_if_interrupted
 from slmops.core.errors import RunError, disk_full
 
@@ -79,48 +80,26 @@ def package_config() -> dict:
     return config
 
 
-# slmops' own Olive passes (module path and capabilities, in Olive's registry format).
+def _registered(module_path: str, precisions: tuple[str, ...] = ("*",)) -> dict:
+    """One pass in Olive's registry format: where it lives and what it runs on."""
+    return {
+        "module_path": module_path,
+        "supported_providers": ["*"],
+        "supported_accelerators": ["*"],
+        "supported_precisions": list(precisions),
+        "supported_algorithms": [],
+        "supported_quantization_encodings": [],
+    }
+
+
+# slmops' own Olive passes, by the name a workflow config's "type" uses.
 SLMOPS_PASSES: dict[str, dict] = {
-    "DPO": {
-        "module_path": "slmops.training.passes.dpo.DPO",
-        "supported_providers": ["*"],
-        "supported_accelerators": ["*"],
-        "supported_precisions": ["*"],
-        "supported_algorithms": [],
-        "supported_quantization_encodings": [],
-    },
-    "SlmopsQLoRA": {
-        "module_path": "slmops.training.passes.qlora.SlmopsQLoRA",
-        "supported_providers": ["*"],
-        "supported_accelerators": ["*"],
-        "supported_precisions": ["*"],
-        "supported_algorithms": [],
-        "supported_quantization_encodings": [],
-    },
-    "SlmopsModelBuilder": {
-        "module_path": "slmops.shipping.passes.model_builder.SlmopsModelBuilder",
-        "supported_providers": ["*"],
-        "supported_accelerators": ["*"],
-        "supported_precisions": ["int4", "int8", "fp16", "fp32"],  # as Olive registers its ModelBuilder
-        "supported_algorithms": [],
-        "supported_quantization_encodings": [],
-    },
-    "GgufBlocks": {
-        "module_path": "slmops.shipping.passes.gguf_blocks.GgufBlocks",
-        "supported_providers": ["*"],
-        "supported_accelerators": ["*"],
-        "supported_precisions": ["*"],
-        "supported_algorithms": [],
-        "supported_quantization_encodings": [],
-    },
-    "FuseLoRA": {
-        "module_path": "slmops.shipping.passes.fuse_lora.FuseLoRA",
-        "supported_providers": ["*"],
-        "supported_accelerators": ["*"],
-        "supported_precisions": ["*"],
-        "supported_algorithms": [],
-        "supported_quantization_encodings": [],
-    },
+    "DPO": _registered("slmops.training.passes.dpo.DPO"),
+    "SlmopsQLoRA": _registered("slmops.training.passes.qlora.SlmopsQLoRA"),
+    # the precisions Olive registers its own ModelBuilder with
+    "SlmopsModelBuilder": _registered("slmops.shipping.passes.model_builder.SlmopsModelBuilder", PRECISIONS),
+    "GgufBlocks": _registered("slmops.shipping.passes.gguf_blocks.GgufBlocks"),
+    "FuseLoRA": _registered("slmops.shipping.passes.fuse_lora.FuseLoRA"),
 }
 
 
