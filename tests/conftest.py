@@ -68,9 +68,17 @@ def build_tiny_model(folder: Path, texts: list[str], seed: int = 0, arch: str = 
     torch.manual_seed(seed)
     config_class, model_class = (getattr(transformers, f"{ARCHS[arch]}{kind}") for kind in ("Config", "ForCausalLM"))
     config = config_class(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=arch != "phi3",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=arch != "phi3",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         # phi3: one context length, the 4k layout (a longer one makes the builder expect LongRoPE factors)
         **({"original_max_position_embeddings": 512} if arch == "phi3" else {}),
     )

@@ -7,16 +7,30 @@ import click
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import REPO, SFT_DATA, write_jsonl, write_recipe
 
+from conftest import REPO, SFT_DATA, write_jsonl, write_recipe
 from slmops.cli import cli
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 # The shipped recipe's own file is the real data; these tests only need some rows, in alpaca form.
 FIXTURE_DATA = ("--data", str(SFT_DATA), "--set", "data.format=alpaca")
 # Every command `slmops --help` listed when these tests were written; the walk below adds any new one.
-KNOWN_COMMANDS = {"bench", "chat", "compare", "doctor", "eval", "export", "finetune", "generate", "package", "recipes",
-                  "runs", "serve", "sweep", "verify"}
+KNOWN_COMMANDS = {
+    "bench",
+    "chat",
+    "compare",
+    "doctor",
+    "eval",
+    "export",
+    "finetune",
+    "generate",
+    "package",
+    "recipes",
+    "runs",
+    "serve",
+    "sweep",
+    "verify",
+}
 
 
 def run(*args):
@@ -58,8 +72,8 @@ def test_help_lists_commands():
     result = CliRunner().invoke(cli, ["--help"], prog_name="slmops")
     assert result.exit_code == 0, result.output
     assert result.output.startswith("Usage: slmops [OPTIONS] COMMAND [ARGS]...\n")
-    visible = sorted(path[0] for path, command in COMMANDS if len(path) == 1 and not command.hidden)
-    assert listed_commands(result.output) == visible  # every top-level command of the tree, in order
+    visible = [path[0] for path, command in COMMANDS if len(path) == 1 and not command.hidden]
+    assert listed_commands(result.output) == visible  # every top-level command of the tree, in the group's order
     assert set(visible) >= KNOWN_COMMANDS
 
 
@@ -80,8 +94,9 @@ def test_every_command_has_help(path, command):
 def test_every_group_is_walked():
     groups = {path for path, command in COMMANDS if isinstance(command, click.Group)}
     assert {(), ("recipes",), ("runs",)} <= groups
-    assert {("recipes", "list"), ("recipes", "show"), ("recipes", "validate"), ("runs", "list"), ("runs", "show")} <= \
-        {path for path, _ in COMMANDS}
+    assert {("recipes", "list"), ("recipes", "show"), ("recipes", "validate"), ("runs", "list"), ("runs", "show")} <= {
+        path for path, _ in COMMANDS
+    }
 
 
 def recipe_name(path) -> str:
@@ -101,7 +116,7 @@ def test_recipes_list_and_validate():
     assert code == 0, out
     lines = out.splitlines()
     assert all(line.startswith("ok  ") for line in lines), out
-    assert sorted(line[len("ok  "):].rsplit("/", 1)[-1] for line in lines) == [p.name for p in RECIPES]
+    assert sorted(line[len("ok  ") :].rsplit("/", 1)[-1] for line in lines) == [p.name for p in RECIPES]
 
 
 def test_recipes_show_applies_set():
@@ -113,12 +128,16 @@ def test_recipes_show_applies_set():
 def test_unknown_key_exits_2_with_one_line(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", "data:\n  file: x.jsonl\nlora:\n  rank: 8\n")
     code, out = run("finetune", "--recipe", str(path), "--dry-run")
-    assert_user_error(code, out, f"recipe {path}: lora.rank: unknown key (known keys: r, alpha, dropout, target_modules)")
+    assert_user_error(
+        code, out, f"recipe {path}: lora.rank: unknown key (known keys: r, alpha, dropout, target_modules)"
+    )
 
 
 def test_missing_recipe():
     code, out = run("finetune", "--recipe", "nope.yaml")
-    assert_user_error(code, out, "recipe 'nope.yaml' not found; pass a YAML file path or a name from `slmops recipes list`")
+    assert_user_error(
+        code, out, "recipe 'nope.yaml' not found; pass a YAML file path or a name from `slmops recipes list`"
+    )
 
 
 def test_bad_set():
@@ -136,38 +155,88 @@ def test_missing_data_file(tmp_path, monkeypatch):
     monkeypatch.setenv("SLMOPS_DATA_DIR", str(tmp_path))
     code, out = run("finetune", "--recipe", "smollm2-135m-sft-h4rmony", "--data", "missing.jsonl", "--dry-run")
     assert_user_error(
-        code, out,
+        code,
+        out,
         f"data file 'missing.jsonl' not found: looked at missing.jsonl and {tmp_path}/missing.jsonl "
-        f"(SLMOPS_DATA_DIR is {tmp_path}); set SLMOPS_DATA_DIR to the folder that holds it, or pass --data PATH")
+        f"(SLMOPS_DATA_DIR is {tmp_path}); set SLMOPS_DATA_DIR to the folder that holds it, or pass --data PATH",
+    )
 
 
 def test_bad_rows_exit_2_before_training(tmp_path, tiny_model):
     data = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "c"}])
-    code, out = run("finetune", "--recipe", "smollm2-135m-sft-h4rmony", "--model", str(tiny_model),
-                    "--data", str(data), "--set", "data.format=alpaca", "-o", str(tmp_path / "out"))
-    assert_user_error(code, out, f"{data.resolve()}: 1 bad row(s): row 2 field 'output': is missing; "
-                                 "fix those rows or set data.format (read as 'alpaca')")
+    code, out = run(
+        "finetune",
+        "--recipe",
+        "smollm2-135m-sft-h4rmony",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(data),
+        "--set",
+        "data.format=alpaca",
+        "-o",
+        str(tmp_path / "out"),
+    )
+    assert_user_error(
+        code,
+        out,
+        f"{data.resolve()}: 1 bad row(s): row 2 field 'output': is missing; "
+        "fix those rows or set data.format (read as 'alpaca')",
+    )
     assert not (tmp_path / "out").exists()
 
 
 def test_model_that_is_not_a_model(tmp_path):
-    code, out = run("finetune", "--recipe", "smollm2-135m-sft-h4rmony", "--model", str(tmp_path), "--dry-run",
-                    "-o", str(tmp_path / "out"))
-    assert_user_error(code, out, f"model path '{tmp_path}' is not a Hugging Face model folder (no config.json); "
-                                 "pass a folder written by save_pretrained, a hub id, or the alias smollm2-135m-instruct")
+    code, out = run(
+        "finetune",
+        "--recipe",
+        "smollm2-135m-sft-h4rmony",
+        "--model",
+        str(tmp_path),
+        "--dry-run",
+        *FIXTURE_DATA,
+        "-o",
+        str(tmp_path / "out"),
+    )
+    assert_user_error(
+        code,
+        out,
+        f"model path '{tmp_path}' is not a Hugging Face model folder (no config.json); "
+        "pass a folder written by save_pretrained, a hub id, or the alias smollm2-135m-instruct",
+    )
 
 
 def test_existing_output(tmp_path, tiny_model):
     (tmp_path / "out").mkdir()
-    code, out = run("finetune", "--recipe", "smollm2-135m-sft-h4rmony", "--model", str(tiny_model),
-                    "-o", str(tmp_path / "out"), "--dry-run")
-    assert_user_error(code, out, f"output folder '{tmp_path / 'out'}' already exists; pass another -o/--output, "
-                                 "or remove it")
+    code, out = run(
+        "finetune",
+        "--recipe",
+        "smollm2-135m-sft-h4rmony",
+        "--model",
+        str(tiny_model),
+        *FIXTURE_DATA,
+        "-o",
+        str(tmp_path / "out"),
+        "--dry-run",
+    )
+    assert_user_error(
+        code, out, f"output folder '{tmp_path / 'out'}' already exists; pass another -o/--output, or remove it"
+    )
 
 
 def test_dry_run_prints_plan_and_json(tmp_path, tiny_model):
-    code, out = run("finetune", "--recipe", "smollm2-135m-sft-h4rmony", "--model", str(tiny_model), *FIXTURE_DATA,
-                    "-o", str(tmp_path / "out"), "--dry-run", "--json")
+    code, out = run(
+        "finetune",
+        "--recipe",
+        "smollm2-135m-sft-h4rmony",
+        "--model",
+        str(tiny_model),
+        *FIXTURE_DATA,
+        "-o",
+        str(tmp_path / "out"),
+        "--dry-run",
+        "--json",
+    )
     assert code == 0, out
     result = json.loads(out)
     # 96 distinct rows; the recipe's eval_split 0.1 holds out round(9.6) = 10 of them
@@ -177,20 +246,38 @@ def test_dry_run_prints_plan_and_json(tmp_path, tiny_model):
 
 
 def test_finetune_summary(tmp_path, tiny_model):
-    code, out = run("finetune", "--recipe", "smollm2-135m-sft-h4rmony", "--model", str(tiny_model), *FIXTURE_DATA,
-                    "-o", str(tmp_path / "out"), "--set", "training.max_steps=2", "--set", "data.max_samples=8",
-                    "--set", "data.eval_split=null", "--set", "training.dtype=float32")
+    code, out = run(
+        "finetune",
+        "--recipe",
+        "smollm2-135m-sft-h4rmony",
+        "--model",
+        str(tiny_model),
+        *FIXTURE_DATA,
+        "-o",
+        str(tmp_path / "out"),
+        "--set",
+        "training.max_steps=2",
+        "--set",
+        "data.max_samples=8",
+        "--set",
+        "data.eval_split=null",
+        "--set",
+        "training.dtype=float32",
+    )
     assert code == 0, out
     lines = out.splitlines()
-    assert lines[0] == (f"Fine-tuned {tiny_model} with lora (r=16, q_proj, k_proj, v_proj, o_proj), stages sft"
-                        " - recipe smollm2-135m-sft-h4rmony")
+    assert lines[0] == (
+        f"Fine-tuned {tiny_model} with lora (r=16, q_proj, k_proj, v_proj, o_proj), stages sft"
+        " - recipe smollm2-135m-sft-h4rmony"
+    )
     assert "  sft           8 train, 0 eval examples" in lines
     assert "    steps       2" in lines
     assert f"  adapter       {tmp_path / 'out' / 'adapter'}" in lines
 
 
-@pytest.mark.parametrize("flag, message", [("--bogus", "No such option '--bogus'."),
-                                           ("--recipe", "Option '--recipe' requires an argument.")])
+@pytest.mark.parametrize(
+    "flag, message", [("--bogus", "No such option '--bogus'."), ("--recipe", "Option '--recipe' requires an argument.")]
+)
 def test_usage_errors_exit_2(flag, message):
     result = CliRunner().invoke(cli, ["finetune", flag], prog_name="slmops")
     assert result.exit_code == 2, result.output
@@ -198,21 +285,49 @@ def test_usage_errors_exit_2(flag, message):
     errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
     assert errors == [f"Error: {message}"], result.output  # one line, naming the option
     # click may add its usage and --help hint above it; nothing else
-    assert set(result.output.splitlines()) <= {"Usage: slmops finetune [OPTIONS]",
-                                               "Try 'slmops finetune --help' for help.", "", f"Error: {message}"}
+    assert set(result.output.splitlines()) <= {
+        "Usage: slmops finetune [OPTIONS]",
+        "Try 'slmops finetune --help' for help.",
+        "",
+        f"Error: {message}",
+    }
 
 
 def test_finetune_json_stdout_is_clean(tmp_path, tiny_model):
-    code, out = run("finetune", "--recipe", "smollm2-135m-sft-h4rmony", "--model", str(tiny_model), *FIXTURE_DATA,
-                    "-o", str(tmp_path / "out"), "--set", "training.max_steps=2", "--set", "data.max_samples=8",
-                    "--set", "training.dtype=float32", "--json")
+    code, out = run(
+        "finetune",
+        "--recipe",
+        "smollm2-135m-sft-h4rmony",
+        "--model",
+        str(tiny_model),
+        *FIXTURE_DATA,
+        "-o",
+        str(tmp_path / "out"),
+        "--set",
+        "training.max_steps=2",
+        "--set",
+        "data.max_samples=8",
+        "--set",
+        "training.dtype=float32",
+        "--json",
+    )
     assert code == 0, out
     result = json.loads(out)
     assert result["stages"]["sft"]["steps"] == 2 and result["adapter_dir"] == str(tmp_path / "out" / "adapter")
 
 
 def test_verbose_raises_olive_log_level(tmp_path, tiny_model):
-    code, out = run("--verbose", "finetune", "--recipe", "smollm2-135m-sft-h4rmony", "--model", str(tiny_model),
-                    *FIXTURE_DATA, "-o", str(tmp_path / "out"), "--dry-run")
+    code, out = run(
+        "--verbose",
+        "finetune",
+        "--recipe",
+        "smollm2-135m-sft-h4rmony",
+        "--model",
+        str(tiny_model),
+        *FIXTURE_DATA,
+        "-o",
+        str(tmp_path / "out"),
+        "--dry-run",
+    )
     assert code == 0, out
     assert json.loads((tmp_path / "out" / "olive_config.json").read_text())["log_severity_level"] == 1

@@ -9,12 +9,19 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_jsonl
-from test_export import make_adapter
 
+from conftest import write_jsonl
 from slmops.cli import cli
-from slmops.measuring.compare import (CompareRequest, compare, lcs_length, mcnemar_test, paired_test, rouge_l,
-                            sign_flip_test)
+from slmops.measuring.compare import (
+    CompareRequest,
+    compare,
+    lcs_length,
+    mcnemar_test,
+    paired_test,
+    rouge_l,
+    sign_flip_test,
+)
+from test_export import make_adapter
 
 SFT_ROWS = [
     {"instruction": "Name a way to save energy at home.", "output": "Turn off the lights when you leave a room."},
@@ -23,8 +30,10 @@ SFT_ROWS = [
     {"instruction": "What is compost?", "output": "Compost is decayed food and garden waste that feeds the soil."},
     {"instruction": "Give one tip to use less water.", "output": "Take shorter showers."},
 ]
-LONG = ("we should consider the many different ways in which the natural world gives us clean air, water and food, "
-        "and think carefully about every choice we make")
+LONG = (
+    "we should consider the many different ways in which the natural world gives us clean air, water and food, "
+    "and think carefully about every choice we make"
+)
 # A summed log-probability falls with every answer token, so a 2-word answer beats a 30-word one:
 # pairs 1-3 are right (short chosen), pair 4 is wrong (long chosen). Accuracy 0.75.
 PAIRS = [
@@ -50,13 +59,26 @@ def one_thread():
 @pytest.fixture(scope="module")
 def adapters(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("compare-adapters")
-    return {"zero": make_adapter(tiny_model, root / "zero", 4, ["q_proj", "v_proj"], seed=1, std=0.0),
-            "moved": make_adapter(tiny_model, root / "moved", 4, ["q_proj", "v_proj", "o_proj"], seed=2, std=0.5)}
+    return {
+        "zero": make_adapter(tiny_model, root / "zero", 4, ["q_proj", "v_proj"], seed=1, std=0.0),
+        "moved": make_adapter(tiny_model, root / "moved", 4, ["q_proj", "v_proj", "o_proj"], seed=2, std=0.5),
+    }
 
 
 def run_compare(tiny_model, adapters, data, **options):
-    return compare(CompareRequest(model=str(tiny_model), model_path=tiny_model, adapters=adapters, data=str(data),
-                                  max_new_tokens=6, max_length=128, batch_size=2, progress=False, **options))
+    return compare(
+        CompareRequest(
+            model=str(tiny_model),
+            model_path=tiny_model,
+            adapters=adapters,
+            data=str(data),
+            max_new_tokens=6,
+            max_length=128,
+            batch_size=2,
+            progress=False,
+            **options,
+        )
+    )
 
 
 # --- pure functions -----------------------------------------------------------------------------
@@ -72,7 +94,7 @@ def test_rouge_l_hand_computed():
 
 
 def test_mcnemar_hand_computed():
-    assert mcnemar_test(1, 9) == pytest.approx(2 * (1 + 10) / 2 ** 10)  # 0.021484375
+    assert mcnemar_test(1, 9) == pytest.approx(2 * (1 + 10) / 2**10)  # 0.021484375
     assert mcnemar_test(9, 1) == mcnemar_test(1, 9)
     assert mcnemar_test(0, 0) == 1.0
     assert mcnemar_test(5, 5) == 1.0  # capped: 2 * P(X <= 5) > 1
@@ -140,13 +162,16 @@ def test_eval_loss_matches_a_direct_computation(tmp_path, tiny_model, adapters):
     for name, model in (("base", base), ("moved", moved)):
         nll, tokens, per_example = 0.0, 0, []
         for row in SFT_ROWS:
-            prompt = tok.apply_chat_template([{"role": "user", "content": row["instruction"]}],
-                                             add_generation_prompt=True, tokenize=False)
+            prompt = tok.apply_chat_template(
+                [{"role": "user", "content": row["instruction"]}], add_generation_prompt=True, tokenize=False
+            )
             p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
             c_ids = tok(row["output"] + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([p_ids + c_ids])).logits[0]
-            losses = torch.nn.functional.cross_entropy(logits[len(p_ids) - 1:-1], torch.tensor(c_ids), reduction="sum")
+            losses = torch.nn.functional.cross_entropy(
+                logits[len(p_ids) - 1 : -1], torch.tensor(c_ids), reduction="sum"
+            )
             nll, tokens = nll + losses.item(), tokens + len(c_ids)
             per_example.append(losses.item() / len(c_ids))
         assert c.metrics[name]["eval_loss"] == pytest.approx(nll / tokens, abs=1e-4)
@@ -165,11 +190,13 @@ def test_preference_accuracy_known_answer(tmp_path, tiny_model, adapters):
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
 
     def logp(prompt: str, answer: str) -> float:
-        p_ids = tok(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=False), add_special_tokens=False)["input_ids"]
+        p_ids = tok(
+            tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )["input_ids"]
         a_ids = tok(answer + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([p_ids + a_ids])).logits[0, len(p_ids) - 1:-1]
+            logits = model(input_ids=torch.tensor([p_ids + a_ids])).logits[0, len(p_ids) - 1 : -1]
         return torch.log_softmax(logits, -1).gather(-1, torch.tensor(a_ids)[:, None]).sum().item()
 
     flags = [float(logp(p["prompt"], p["chosen"]) > logp(p["prompt"], p["rejected"])) for p in PAIRS]
@@ -196,9 +223,27 @@ def table(report: str, heading: str) -> list[list[str]]:
 def test_cli_report_matches_json(tmp_path, tiny_model, adapters):
     data = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)
     out = tmp_path / "reports" / "ab.md"
-    result = CliRunner().invoke(cli, ["compare",
-        "--model", str(tiny_model), "-a", f"zero={adapters['zero']}", "-a", str(adapters["moved"]), "--data",
-        str(data), "--max-new-tokens", "6", "--max-length", "128", "-o", str(out), "--json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "compare",
+            "--model",
+            str(tiny_model),
+            "-a",
+            f"zero={adapters['zero']}",
+            "-a",
+            str(adapters["moved"]),
+            "--data",
+            str(data),
+            "--max-new-tokens",
+            "6",
+            "--max-length",
+            "128",
+            "-o",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     numbers = json.loads(result.stdout)
     report = out.read_text()
@@ -223,8 +268,21 @@ def test_cli_report_matches_json(tmp_path, tiny_model, adapters):
 
 def test_cli_prints_markdown_without_output(tmp_path, tiny_model, adapters):
     data = write_jsonl(tmp_path / "prefs.jsonl", PAIRS)
-    result = CliRunner().invoke(cli, ["compare", "--model", str(tiny_model), "-a", f"z={adapters['zero']}",
-                                                  "--data", str(data), "--no-generate", "--max-samples", "3"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "compare",
+            "--model",
+            str(tiny_model),
+            "-a",
+            f"z={adapters['zero']}",
+            "--data",
+            str(data),
+            "--no-generate",
+            "--max-samples",
+            "3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("# slmops compare\n")
     assert "(preference, 3 of 4 examples)" in result.stdout
@@ -237,21 +295,33 @@ def different_base_adapter(folder: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=400,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     LlamaForCausalLM(config).save_pretrained(folder / "other-base")
     return make_adapter(folder / "other-base", folder / "other", 4, ["q_proj"], seed=0)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing data", "data file '{tmp}/nope.jsonl' not found"),
-    ("empty data", "{tmp}/empty.jsonl: the data set is empty; give a file with at least one row"),
-    ("no adapter", "adapter 'nowhere': '{tmp}/nowhere' has no adapter_config.json; pass a PEFT adapter folder "
-                   "or an `slmops finetune` output folder"),
-    ("twice", "--adapter name 'zero' is given twice; give each adapter its own NAME=PATH"),
-    ("named base", "adapter name 'base' is not usable: it must not be 'base'"),
-    ("other base", "adapter 'other' does not fit the model (size mismatch for "),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing data", "data file '{tmp}/nope.jsonl' not found"),
+        ("empty data", "{tmp}/empty.jsonl: the data set is empty; give a file with at least one row"),
+        (
+            "no adapter",
+            "adapter 'nowhere': '{tmp}/nowhere' has no adapter_config.json; pass a PEFT adapter folder "
+            "or an `slmops finetune` output folder",
+        ),
+        ("twice", "--adapter name 'zero' is given twice; give each adapter its own NAME=PATH"),
+        ("named base", "adapter name 'base' is not usable: it must not be 'base'"),
+        ("other base", "adapter 'other' does not fit the model (size mismatch for "),
+    ],
+)
 def test_bad_input_is_one_line(tmp_path, tiny_model, adapters, case, message):
     sft = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)
     args = {

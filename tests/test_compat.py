@@ -42,15 +42,22 @@ def test_olive_still_drops_warmup_ratio_under_transformers_5():
 
     args = HFTrainingArguments(output_dir="unused", warmup_ratio=0.5).create_training_args()
     assert args.warmup_steps == 0
-    assert HFTrainingArguments(output_dir="unused", extra_args={"warmup_steps": 0.5}).create_training_args().warmup_steps == 0.5
+    assert (
+        HFTrainingArguments(output_dir="unused", extra_args={"warmup_steps": 0.5}).create_training_args().warmup_steps
+        == 0.5
+    )
 
 
 def _builder_pass(cls, precision="int4"):
     from olive.hardware.accelerator import AcceleratorSpec
 
     spec = AcceleratorSpec("cpu", "CPUExecutionProvider")
-    return cls(spec, cls.generate_config(spec, {"precision": precision, "int4_nodes_to_exclude": ["/lm_head/MatMul"]},
-                                         disable_search=True))
+    return cls(
+        spec,
+        cls.generate_config(
+            spec, {"precision": precision, "int4_nodes_to_exclude": ["/lm_head/MatMul"]}, disable_search=True
+        ),
+    )
 
 
 def test_olives_model_builder_still_fails_on_the_installed_onnxruntime_genai(tiny_model, tmp_path):
@@ -113,9 +120,9 @@ def test_olive_cache_still_takes_config_strings_for_paths(tmp_path, monkeypatch)
 
 def test_export_runs_from_a_folder_with_confusing_names(tiny_model, tmp_path, monkeypatch):
     from click.testing import CliRunner
-    from test_export import make_adapter
 
     from slmops.cli import cli
+    from test_export import make_adapter
 
     qv = make_adapter(tiny_model, tmp_path / "qv", 4, ["q_proj", "v_proj"], seed=1)
     (tmp_path / "fp32").mkdir()
@@ -151,10 +158,19 @@ def test_olive_qlora_still_trains_every_linear_layer(tiny_model, tmp_path):
     from olive.passes.pytorch.lora import QLoRA
 
     spec = AcceleratorSpec("cpu", "CPUExecutionProvider")
-    olive_pass = QLoRA(spec, QLoRA.generate_config(spec, {"train_data_config": {"name": "x", "type": "HuggingfaceContainer"},
-                                                          "target_modules": ["q_proj"], "torch_dtype": "float32",
-                                                          "training_args": {}},
-                                                   disable_search=True))
+    olive_pass = QLoRA(
+        spec,
+        QLoRA.generate_config(
+            spec,
+            {
+                "train_data_config": {"name": "x", "type": "HuggingfaceContainer"},
+                "target_modules": ["q_proj"],
+                "torch_dtype": "float32",
+                "training_args": {},
+            },
+            disable_search=True,
+        ),
+    )
     model = HfModelHandler(model_path=str(tiny_model), task="text-generation")
     from olive.passes.pytorch.lora import QLoRATrainingArguments
 

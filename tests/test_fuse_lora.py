@@ -22,23 +22,47 @@ def _nbits(rng, name: str, n: int, bits: int, x: str, accuracy_level: int, inits
     zp = rng.integers(0, 256, (n, (blocks + 1) // 2 if bits == 4 else blocks), dtype=np.uint8)
     scale = rng.uniform(0.001, 0.02, (n, blocks)).astype(np.float32)
     base = name.replace("/", ".").strip(".")
-    inits += [numpy_helper.from_array(weight, f"{base}.w"), numpy_helper.from_array(scale, f"{base}.s"),
-              numpy_helper.from_array(zp, f"{base}.zp")]
-    return helper.make_node("MatMulNBits", [x, f"{base}.w", f"{base}.s", f"{base}.zp"], [f"{name}/output_0"],
-                            name=f"{name}_Q{bits}", domain="com.microsoft", K=K, N=n, bits=bits,
-                            block_size=BLOCK, accuracy_level=accuracy_level)
+    inits += [
+        numpy_helper.from_array(weight, f"{base}.w"),
+        numpy_helper.from_array(scale, f"{base}.s"),
+        numpy_helper.from_array(zp, f"{base}.zp"),
+    ]
+    return helper.make_node(
+        "MatMulNBits",
+        [x, f"{base}.w", f"{base}.s", f"{base}.zp"],
+        [f"{name}/output_0"],
+        name=f"{name}_Q{bits}",
+        domain="com.microsoft",
+        K=K,
+        N=n,
+        bits=bits,
+        block_size=BLOCK,
+        accuracy_level=accuracy_level,
+    )
 
 
 def _lora(rng, module: str, base_out: str, x: str, rank: int, inits: list) -> tuple[list, str]:
     prefix = f"/model/layers.0/attn/{module}"
     a, b = f"model.layers.0.attn.{module}.lora_A.MatMul.weight", f"model.layers.0.attn.{module}.lora_B.MatMul.weight"
-    inits += [numpy_helper.from_array(rng.normal(0, 0.1, (K, rank)).astype(np.float32), a),
-              numpy_helper.from_array(rng.normal(0, 0.1, (rank, WIDTHS[module])).astype(np.float32), b)]
-    nodes = [helper.make_node("MatMul", [x, a], [f"{prefix}/lora_A/MatMul/output_0"], name=f"{prefix}/lora_A/MatMul"),
-             helper.make_node("MatMul", [f"{prefix}/lora_A/MatMul/output_0", b], [f"{prefix}/lora_B/MatMul/output_0"],
-                              name=f"{prefix}/lora_B/MatMul"),
-             helper.make_node("Add", [base_out, f"{prefix}/lora_B/MatMul/output_0"], [f"{prefix}/lora/Add/output_0"],
-                              name=f"{prefix}/lora/Add")]
+    inits += [
+        numpy_helper.from_array(rng.normal(0, 0.1, (K, rank)).astype(np.float32), a),
+        numpy_helper.from_array(rng.normal(0, 0.1, (rank, WIDTHS[module])).astype(np.float32), b),
+    ]
+    nodes = [
+        helper.make_node("MatMul", [x, a], [f"{prefix}/lora_A/MatMul/output_0"], name=f"{prefix}/lora_A/MatMul"),
+        helper.make_node(
+            "MatMul",
+            [f"{prefix}/lora_A/MatMul/output_0", b],
+            [f"{prefix}/lora_B/MatMul/output_0"],
+            name=f"{prefix}/lora_B/MatMul",
+        ),
+        helper.make_node(
+            "Add",
+            [base_out, f"{prefix}/lora_B/MatMul/output_0"],
+            [f"{prefix}/lora/Add/output_0"],
+            name=f"{prefix}/lora/Add",
+        ),
+    ]
     return nodes, f"{prefix}/lora/Add/output_0"
 
 
@@ -56,10 +80,16 @@ def attention_block(bits: dict, lora_ranks: dict, accuracy_level: int = 0, seed:
             nodes += chain
         outs.append(out)
     nodes.append(helper.make_node("Concat", outs, ["y"], name="/model/layers.0/attn/Concat", axis=-1))
-    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, K])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, sum(WIDTHS.values())])],
-                              inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    graph = helper.make_graph(
+        nodes,
+        "block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, sum(WIDTHS.values())])],
+        inits,
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
 
 
 def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

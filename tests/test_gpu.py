@@ -7,10 +7,10 @@ unchanged on a machine with one: `python -m pytest -m gpu`.
 import json
 
 import pytest
-from test_export import run
-from test_finetune import tiny_recipe
 
 from slmops.training.finetune import finetune
+from test_export import run
+from test_finetune import tiny_recipe
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -30,8 +30,9 @@ def qlora_adapter(tmp_path_factory, tiny_model):
     """nf4 + double quant + bf16 compute, gradient checkpointing, paged AdamW: the seed tutorials' QLoRA."""
     pytest.importorskip("bitsandbytes")
     tmp = tmp_path_factory.mktemp("gpu")
-    recipe = tiny_recipe(tmp, tiny_model, extra="  gradient_checkpointing: true\n  optimizer: paged_adamw_32bit\n"
-                                                "  dtype: bfloat16\n")
+    recipe = tiny_recipe(
+        tmp, tiny_model, extra="  gradient_checkpointing: true\n  optimizer: paged_adamw_32bit\n  dtype: bfloat16\n"
+    )
     recipe.method = "qlora"
     result = finetune(recipe, tmp / "out")
     assert result.stages["sft"].steps == 3

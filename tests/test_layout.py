@@ -2,8 +2,9 @@
 
 import ast
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from conftest import REPO
 
@@ -13,8 +14,10 @@ LAYERS = ["core", "training", "shipping", "measuring", "cli"]  # each imports on
 
 def modules() -> dict[str, Path]:
     """Dotted module name -> file, for every module of the package."""
-    return {".".join(("slmops", *p.relative_to(SRC).with_suffix("").parts)).removesuffix(".__init__"): p
-            for p in SRC.rglob("*.py")}
+    return {
+        ".".join(("slmops", *p.relative_to(SRC).with_suffix("").parts)).removesuffix(".__init__"): p
+        for p in SRC.rglob("*.py")
+    }
 
 
 def imports(path: Path) -> set[str]:
@@ -36,7 +39,7 @@ def graph() -> dict[str, set[str]]:
 
 def test_readme_layout_is_the_tree():
     readme = (REPO / "README.md").read_text()
-    block = readme[readme.index("## Layout"):].split("```")[1]
+    block = readme[readme.index("## Layout") :].split("```")[1]
     documented, package = set(), None
     for line in block.splitlines():
         if not line.strip() or line.strip() == "src/slmops/":
@@ -46,10 +49,15 @@ def test_readme_layout_is_the_tree():
             package = first.rstrip("/")
         elif line.startswith("    "):
             documented |= {f"{package}/{word}" for word in line.split() if re.fullmatch(r"[\w/]+\.py", word)}
-    actual = {str(p.relative_to(SRC)) for p in SRC.rglob("*.py")
-              if p.name not in ("__init__.py", "__main__.py") and p.parent != SRC}
-    assert documented == actual, (f"in the tree, not in README's layout: {sorted(actual - documented)}; "
-                                  f"in README's layout, not in the tree: {sorted(documented - actual)}")
+    actual = {
+        str(p.relative_to(SRC))
+        for p in SRC.rglob("*.py")
+        if p.name not in ("__init__.py", "__main__.py") and p.parent != SRC
+    }
+    assert documented == actual, (
+        f"in the tree, not in README's layout: {sorted(actual - documented)}; "
+        f"in README's layout, not in the tree: {sorted(documented - actual)}"
+    )
     packages = {str(p.parent.relative_to(SRC)) for p in SRC.rglob("__init__.py") if p.parent != SRC}
     assert packages <= {d.split("/")[0] for d in documented} | {d.rsplit("/", 1)[0] for d in documented}
 
@@ -59,8 +67,13 @@ def test_every_module_is_in_a_layer_and_imports_only_backwards():
     layer = lambda module: order[module.split(".")[1]]  # noqa: E731
     loose = [m for m in modules() if m.count(".") == 1 and m != "slmops.cli" and m.split(".")[1] not in order]
     assert not loose, f"modules outside the layers: {loose}"
-    backwards = [(a, b) for a, deps in graph().items() if a.count(".") >= 1 and a.split(".")[1] in order
-                 for b in deps if b.count(".") >= 1 and b.split(".")[1] in order and layer(b) > layer(a)]
+    backwards = [
+        (a, b)
+        for a, deps in graph().items()
+        if a.count(".") >= 1 and a.split(".")[1] in order
+        for b in deps
+        if b.count(".") >= 1 and b.split(".")[1] in order and layer(b) > layer(a)
+    ]
     assert not backwards, f"a module imports from a later layer: {backwards}"
 
 
@@ -72,7 +85,7 @@ def test_no_import_cycle():
         state[node] = 1
         for nxt in sorted(deps[node]):
             if state.get(nxt) == 1:
-                cycle = path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt]
+                cycle = path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt]
                 raise AssertionError(f"import cycle: {' -> '.join(cycle)}")
             if nxt not in state:
                 visit(nxt, [*path, nxt])
@@ -84,16 +97,24 @@ def test_no_import_cycle():
 
 
 def test_no_module_imports_private_names():
-    private = [(name, f"{node.module}.{a.name}") for name, path in modules().items()
-               for node in ast.walk(ast.parse(path.read_text()))
-               if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("slmops")
-               for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+    private = [
+        (name, f"{node.module}.{a.name}")
+        for name, path in modules().items()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("slmops")
+        for a in node.names
+        if a.name.startswith("_") and a.name != "__version__"
+    ]
     assert not private, f"private names imported across modules: {private}"
 
 
 def test_library_never_runs_the_cli():
-    offenders = [name for name, path in modules().items() if not name.startswith("slmops.cli")
-                 and ("slmops.cli" in imports(path) or re.search(r"[\"']slmops\.cli[\"']", path.read_text()))]
+    offenders = [
+        name
+        for name, path in modules().items()
+        if not name.startswith("slmops.cli")
+        and ("slmops.cli" in imports(path) or re.search(r"[\"']slmops\.cli[\"']", path.read_text()))
+    ]
     assert not offenders, f"library modules that import or run the CLI: {offenders}"
 
 

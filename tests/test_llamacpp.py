@@ -2,8 +2,8 @@
 
 import pytest
 
-from slmops.measuring.runners import LlamaCppRunner, TorchRunner, interleaved
 from slmops.core.models import DEFAULT_MODEL, embedded_gguf, resolve_model
+from slmops.measuring.runners import LlamaCppRunner, TorchRunner, interleaved
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +31,11 @@ def test_llamacpp_answers_as_pytorch_does_on_the_same_token_ids(prompt):
 
 def test_interleaved_run_times_every_repetition(prompt):
     gguf = str(embedded_gguf(DEFAULT_MODEL))
-    scenarios = [{"name": "short", "ids": prompt[:8], "new_tokens": 4}, {"name": "long", "ids": prompt, "new_tokens": 4}]
+    scenarios = [
+        {"name": "short", "ids": prompt[:8], "new_tokens": 4},
+        {"name": "long", "ids": prompt, "new_tokens": 4},
+    ]
     result = interleaved({"llama.cpp": {"gguf": gguf}}, scenarios, reps=2, warmup=1, threads=2)
-    assert [(s["scenario"], s["engine"]) for s in result["samples"]] == [("short", "llama.cpp")] * 2 + [("long", "llama.cpp")] * 2
+    assert [(s["scenario"], s["engine"]) for s in result["samples"]] == [("short", "llama.cpp")] * 2 + [
+        ("long", "llama.cpp")
+    ] * 2

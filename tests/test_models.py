@@ -22,7 +22,9 @@ def test_unknown_name():
 
 
 def test_hub_id_offline_says_where_it_looked():
-    with pytest.raises(ModelError, match=r"model 'nobody/none' not found: looked in the Hugging Face cache and on the hub"):
+    with pytest.raises(
+        ModelError, match=r"model 'nobody/none' not found: looked in the Hugging Face cache and on the hub"
+    ):
         models.resolve_model("nobody/none")
 
 
@@ -41,7 +43,10 @@ def test_alias_reuses_the_cached_folder(monkeypatch, tmp_path):
     monkeypatch.setattr(models, "_gguf_to_hf", lambda *a: pytest.fail("converted again"))
     resolved = models.resolve_model("SmolLM2-135M-Instruct")
     assert (resolved.source, resolved.path, resolved.hub_id) == (
-        "embedded", folder, "HuggingFaceTB/SmolLM2-135M-Instruct")
+        "embedded",
+        folder,
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    )
 
 
 def test_needs_hub(tmp_path):

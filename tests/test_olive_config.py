@@ -1,13 +1,14 @@
 import copy
+import json
 import sys
 from pathlib import Path
-import json
 
 import pytest
-from conftest import REPO, write_recipe
 
-from slmops.training.data import DataSource
+from conftest import REPO, write_recipe
 from slmops.core.errors import RecipeError, RunError
+from slmops.core.workflows import package_config
+from slmops.training.data import DataSource
 from slmops.training.olive_config import (
     Sources,
     drifted_configs,
@@ -17,7 +18,6 @@ from slmops.training.olive_config import (
     validate,
 )
 from slmops.training.recipe import load_recipe
-from slmops.core.workflows import package_config
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
@@ -82,8 +82,11 @@ def _differences(a, b, where=()) -> list[tuple]:
     """The paths (keys and list indexes) at which two rendered configs differ."""
     if isinstance(a, dict) and isinstance(b, dict):
         missing = object()
-        return [p for k in sorted(a.keys() | b.keys(), key=str)
-                for p in _differences(a.get(k, missing), b.get(k, missing), where + (k,))]
+        return [
+            p
+            for k in sorted(a.keys() | b.keys(), key=str)
+            for p in _differences(a.get(k, missing), b.get(k, missing), where + (k,))
+        ]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         return [p for i, (x, y) in enumerate(zip(a, b)) for p in _differences(x, y, where + (i,))]
     return [] if a == b else [where]
@@ -122,7 +125,10 @@ def test_portable_render_uses_hub_ids(tmp_path):
     config = render_portable(r)
     assert config["input_model"]["model_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert config["data_configs"][0]["load_dataset_config"]["params"]["source"] == {
-        "dataset": "org/ds", "file": "d.jsonl", "split": "train"}
+        "dataset": "org/ds",
+        "file": "d.jsonl",
+        "split": "train",
+    }
 
 
 def test_olive_rejects_a_bad_pass_parameter(tmp_path):
@@ -149,7 +155,10 @@ def test_render_sft_then_dpo_chain(tmp_path):
     names = [d["name"] for d in config["data_configs"]]
     assert names == ["train_data", "dpo_train_data", "dpo_eval_data"]
     assert config["data_configs"][1]["load_dataset_config"]["params"]["source"] == {
-        "path": "/p.jsonl", "sha256": "cc", "split": "train"}
+        "path": "/p.jsonl",
+        "sha256": "cc",
+        "split": "train",
+    }
     validate(config)
 
 
@@ -163,8 +172,10 @@ def test_dpo_alone_has_no_sft_pass(tmp_path):
 def test_olive_systems_render_and_validate(tmp_path):
     """A recipe's `system` block becomes the workflow's host and target, checked by Olive (dry run)."""
     docker = _recipe(tmp_path)
-    docker.system.type, docker.system.config = "Docker", {
-        "image_name": "slmops:latest", "dockerfile": "Dockerfile", "build_context_path": str(tmp_path)}
+    docker.system.type, docker.system.config = (
+        "Docker",
+        {"image_name": "slmops:latest", "dockerfile": "Dockerfile", "build_context_path": str(tmp_path)},
+    )
     config = render_portable(docker)
     assert config["host"] == config["target"] == "docker"
     assert config["systems"] == {"docker": {"type": "Docker", "config": docker.system.config}}

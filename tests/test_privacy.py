@@ -3,10 +3,8 @@ import os
 import pytest
 
 from conftest import FIXTURES, SFT_DATA, write_recipe
-
 from slmops.core.privacy import go_offline
-from slmops.training.recipe import recipe_needs_hub
-from slmops.training.recipe import load_recipe
+from slmops.training.recipe import load_recipe, recipe_needs_hub
 
 
 def test_offline_switches(monkeypatch):
@@ -44,25 +42,49 @@ def traced(tmp_path, *args) -> tuple:
     import sys
 
     log = tmp_path / f"connect-{args[0]}.log"
-    cmd = ["unshare", "-rn", "strace", "-f", "-qq", "-e", "trace=connect", "-e", "signal=none", "-o", str(log),
-           sys.executable, "-m", "slmops.cli", *map(str, args)]
+    cmd = [
+        "unshare",
+        "-rn",
+        "strace",
+        "-f",
+        "-qq",
+        "-e",
+        "trace=connect",
+        "-e",
+        "signal=none",
+        "-o",
+        str(log),
+        sys.executable,
+        "-m",
+        "slmops.cli",
+        *map(str, args),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    outbound = [line for line in log.read_text().splitlines()
-                if re.search(r"sa_family=AF_INET6?\b", line) and not re.search(r'"127\.0\.0\.1"|"::1"', line)]
+    outbound = [
+        line
+        for line in log.read_text().splitlines()
+        if re.search(r"sa_family=AF_INET6?\b", line) and not re.search(r'"127\.0\.0\.1"|"::1"', line)
+    ]
     return proc, outbound
 
 
 @pytest.mark.skipif(not _can_trace(), reason="needs strace and unprivileged network namespaces (Linux)")
+@pytest.mark.slow  # finetune, export and generate, each a traced subprocess
 def test_finetune_export_generate_attempt_no_connection(tmp_path, tiny_model):
-    recipe = write_recipe(tmp_path / "r.yaml", f"""
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"""
 model: {{name: {tiny_model}}}
 data: {{file: {SFT_DATA}, max_samples: 8, max_seq_len: 32}}
 lora: {{r: 4, alpha: 8, target_modules: [q_proj, v_proj]}}
 training: {{max_steps: 2, batch_size: 2, dtype: float32}}
-""")
-    steps = [("finetune", "-r", recipe, "-o", tmp_path / "run"),
-             ("export", "-m", tiny_model, "-a", f"a={tmp_path / 'run'}", "-o", tmp_path / "bundle"),
-             ("generate", tmp_path / "bundle", "-a", "a", "-p", "hello", "--max-new-tokens", "4")]
+""",
+    )
+    steps = [
+        ("finetune", "-r", recipe, "-o", tmp_path / "run"),
+        ("export", "-m", tiny_model, "-a", f"a={tmp_path / 'run'}", "-o", tmp_path / "bundle"),
+        ("generate", tmp_path / "bundle", "-a", "a", "-p", "hello", "--max-new-tokens", "4"),
+    ]
     for args in steps:
         proc, outbound = traced(tmp_path, *args)
         assert proc.returncode == 0, proc.stderr[-2000:]

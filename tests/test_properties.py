@@ -10,6 +10,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from slmops.core.errors import SlmopsError
 from slmops.shipping.manifest import MANIFEST, read_manifest
 from slmops.training.data import (
     DataSource,
@@ -18,22 +19,43 @@ from slmops.training.data import (
     read_rows,
     split_implicit_prompt,
 )
-from slmops.core.errors import SlmopsError
 from slmops.training.recipe import load_recipe, parse_override
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-scalars = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True) | st.text(max_size=30)
-json_values = st.recursive(scalars, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(
-    st.text(max_size=12), kids, max_size=4), max_leaves=20)
+scalars = st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.floats(allow_nan=True) | st.text(max_size=30)
+json_values = st.recursive(
+    scalars,
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=12), kids, max_size=4),
+    max_leaves=20,
+)
 
 SECTIONS = ["name", "model", "data", "method", "lora", "qlora", "training", "dpo", "export", "description"]
-KEYS = ["name", "file", "dataset", "format", "r", "alpha", "target_modules", "max_steps", "learning_rate", "beta",
-        "eval_split", "batch_size", "dtype", "precision", "target", "save_steps", "max_samples", "bogus"]
+KEYS = [
+    "name",
+    "file",
+    "dataset",
+    "format",
+    "r",
+    "alpha",
+    "target_modules",
+    "max_steps",
+    "learning_rate",
+    "beta",
+    "eval_split",
+    "batch_size",
+    "dtype",
+    "precision",
+    "target",
+    "save_steps",
+    "max_samples",
+    "bogus",
+]
 recipe_like = st.dictionaries(
     st.sampled_from(SECTIONS) | st.text(max_size=8),
     scalars | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=8), json_values, max_size=6),
-    max_size=7)
+    max_size=7,
+)
 
 
 def _only_own_errors(call, *args):
@@ -90,8 +112,10 @@ def test_data_reader_any_bytes(tmp_path, data, suffix):
 
 
 @FAST
-@given(header=st.sampled_from(["instruction,output", "prompt,chosen,rejected", "a,b", ""]),
-       text=st.text(alphabet="ab,\"\n\r ", max_size=60))
+@given(
+    header=st.sampled_from(["instruction,output", "prompt,chosen,rejected", "a,b", ""]),
+    text=st.text(alphabet='ab,"\n\r ', max_size=60),
+)
 def test_csv_rows_any_shape(tmp_path, header, text):
     # ragged rows (more or fewer values than the header), quotes, blank lines
     path = tmp_path / "d.csv"
@@ -105,12 +129,37 @@ def test_csv_rows_any_shape(tmp_path, header, text):
     _only_own_errors(read_and_normalise)
 
 
-rows = st.lists(st.dictionaries(
-    st.sampled_from(["instruction", "input", "output", "prompt", "completion", "response", "text", "messages",
-                     "conversations", "chosen", "rejected", "question", "answer", "role", "content"]) | st.text(max_size=6),
-    json_values | st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "x"]),
-                                                  "content": scalars}), max_size=4),
-    max_size=5), max_size=6)
+rows = st.lists(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "instruction",
+                "input",
+                "output",
+                "prompt",
+                "completion",
+                "response",
+                "text",
+                "messages",
+                "conversations",
+                "chosen",
+                "rejected",
+                "question",
+                "answer",
+                "role",
+                "content",
+            ]
+        )
+        | st.text(max_size=6),
+        json_values
+        | st.lists(
+            st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "x"]), "content": scalars}),
+            max_size=4,
+        ),
+        max_size=5,
+    ),
+    max_size=6,
+)
 
 
 @FAST
@@ -126,9 +175,13 @@ def test_preference_normaliser_any_rows(rows):
     _only_own_errors(normalise_preference, [(i + 1, row) for i, row in enumerate(rows)], "pairs.jsonl")
 
 
-transcript = st.lists(st.tuples(st.sampled_from(["\n\nHuman: ", "\n\nAssistant: ", "Human:", "\n\nH: ", ""]),
-                                st.text(alphabet=string.printable, max_size=20)), max_size=6).map(
-    lambda parts: "".join(a + b for a, b in parts))
+transcript = st.lists(
+    st.tuples(
+        st.sampled_from(["\n\nHuman: ", "\n\nAssistant: ", "Human:", "\n\nH: ", ""]),
+        st.text(alphabet=string.printable, max_size=20),
+    ),
+    max_size=6,
+).map(lambda parts: "".join(a + b for a, b in parts))
 
 
 @FAST

@@ -1,6 +1,6 @@
 import pytest
-from conftest import REPO, write_recipe
 
+from conftest import REPO, write_recipe
 from slmops.core.errors import RecipeError
 from slmops.training.recipe import UNSET, find_recipe, load_recipe, parse_override, recipe_to_yaml
 
@@ -47,8 +47,9 @@ def test_flag_none_means_not_given_and_unset_clears(tmp_path):
 
 def test_set_values_are_parsed_as_yaml(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", MINIMAL)
-    r = load_recipe(str(path), sets=["lora.target_modules=[q_proj, k_proj]", "training.learning_rate=1e-4",
-                                     "data.dedupe=false"])
+    r = load_recipe(
+        str(path), sets=["lora.target_modules=[q_proj, k_proj]", "training.learning_rate=1e-4", "data.dedupe=false"]
+    )
     assert r.lora.target_modules == ["q_proj", "k_proj"]
     assert r.training.learning_rate == pytest.approx(1e-4)
     assert r.data.dedupe is False

@@ -9,8 +9,8 @@ from pathlib import Path
 from string import Formatter
 
 import pytest
-from conftest import REPO, build_tiny_model, corpus_texts
 
+from conftest import REPO, build_tiny_model, corpus_texts
 from slmops.training.finetune import finetune
 from slmops.training.recipe import load_recipe
 
@@ -24,8 +24,10 @@ def architecture(model_name: str) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    return {arch: build_tiny_model(tmp_path_factory.mktemp(arch), corpus_texts(), arch=arch)
-            for arch in ("llama", "qwen2", "phi3")}
+    return {
+        arch: build_tiny_model(tmp_path_factory.mktemp(arch), corpus_texts(), arch=arch)
+        for arch in ("llama", "qwen2", "phi3")
+    }
 
 
 def sft_row(section, i: int) -> dict:
@@ -40,7 +42,9 @@ def sft_row(section, i: int) -> dict:
         return row
     fmt = section.format
     if fmt == "messages":
-        return {"conversations": [{"from": "human", "value": f"question {i}?"}, {"from": "gpt", "value": f"answer {i}."}]}
+        return {
+            "conversations": [{"from": "human", "value": f"question {i}?"}, {"from": "gpt", "value": f"answer {i}."}]
+        }
     if fmt == "text":
         return {"text": f"<s>[INST] question {i} [/INST] answer {i} </s>"}
     if fmt == "input_output":
@@ -87,7 +91,8 @@ def test_recipe_runs_one_step_on_its_architecture(path, tmp_path, tiny_models):
     assert [result.stages[s].steps for s in recipe.stages] == [1] * len(recipe.stages)
     config = json.loads((tmp_path / "out" / "olive_config.json").read_text())
     golden = json.loads((REPO / "olive_configs" / f"{path.stem}.json").read_text())
-    assert {name: p["type"] for name, p in config["passes"].items()} == \
-        {name: p["type"] for name, p in golden["passes"].items()}
+    assert {name: p["type"] for name, p in config["passes"].items()} == {
+        name: p["type"] for name, p in golden["passes"].items()
+    }
     adapter = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
     assert sorted(adapter["target_modules"]) == sorted(recipe.lora.target_modules) and adapter["r"] == recipe.lora.r

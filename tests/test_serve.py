@@ -8,9 +8,9 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from test_export import make_adapter
 
 from slmops.cli import cli
+from test_export import make_adapter
 
 KEY = "test-key"
 
@@ -49,8 +49,7 @@ def _start(app):
 def server(bundle):
     from slmops.shipping.serve import ServeOptions, create_app
 
-    srv, thread, port = _start(create_app(bundle, ServeOptions(api_key=KEY, max_body_bytes=4096,
-                                                               max_tokens_limit=64)))
+    srv, thread, port = _start(create_app(bundle, ServeOptions(api_key=KEY, max_body_bytes=4096, max_tokens_limit=64)))
     yield port
     srv.should_exit = True
     thread.join(timeout=10)
@@ -66,8 +65,12 @@ def client(server):
 def raw(port, method, path, body=None, headers=None):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-    conn.request(method, path, body=data, headers={"Content-Type": "application/json",
-                                                  "Authorization": f"Bearer {KEY}", **(headers or {})})
+    conn.request(
+        method,
+        path,
+        body=data,
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}", **(headers or {})},
+    )
     response = conn.getresponse()
     return response.status, json.loads(response.read() or b"null")
 
@@ -79,13 +82,15 @@ def test_models_lists_base_and_adapters(client):
 def test_chat_completion_per_adapter(client):
     replies = {}
     for model in ("base", "qv"):
-        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hello"}],
-                                           max_tokens=8, temperature=1.0, seed=3)
+        r = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=8, temperature=1.0, seed=3
+        )
         assert r.model == model and r.choices[0].finish_reason in ("stop", "length")
         assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
         replies[model] = r.choices[0].message.content
-    again = client.chat.completions.create(model="qv", messages=[{"role": "user", "content": "hello"}],
-                                           max_tokens=8, temperature=1.0, seed=3)
+    again = client.chat.completions.create(
+        model="qv", messages=[{"role": "user", "content": "hello"}], max_tokens=8, temperature=1.0, seed=3
+    )
     assert again.choices[0].message.content == replies["qv"]
     assert replies["qv"] != replies["base"]
 
@@ -107,8 +112,7 @@ def test_completions_endpoint_and_stop(client):
     text = r.choices[0].text
     assert r.object == "text_completion" and r.usage.completion_tokens >= 1
     if len(text) > 3:
-        cut = client.completions.create(model="base", prompt="the sea", max_tokens=12, temperature=0,
-                                        stop=[text[1:3]])
+        cut = client.completions.create(model="base", prompt="the sea", max_tokens=12, temperature=0, stop=[text[1:3]])
         assert cut.choices[0].finish_reason == "stop" and text.startswith(cut.choices[0].text)
 
 
@@ -116,8 +120,13 @@ def test_concurrent_requests_for_different_adapters_do_not_mix(client):
     from concurrent.futures import ThreadPoolExecutor
 
     def ask(model):
-        return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
-                                              max_tokens=6, temperature=0).choices[0].message.content
+        return (
+            client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0
+            )
+            .choices[0]
+            .message.content
+        )
 
     expected = {m: ask(m) for m in ("base", "qv")}
     with ThreadPoolExecutor(6) as pool:
@@ -125,14 +134,20 @@ def test_concurrent_requests_for_different_adapters_do_not_mix(client):
     assert got == [expected["base"], expected["qv"]] * 6
 
 
-@pytest.mark.parametrize("body,status,code_or_text", [
-    (b"{not json", 400, "request body is not valid JSON"),
-    ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found"),
-    ({"model": "base", "messages": []}, 400, "messages"),
-    ({"model": "base", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1000}, 400,
-     "max_tokens 1000 is above this server's limit of 64"),
-    ({"model": "base", "messages": [{"role": "user", "content": "x" * 5000}]}, 413, "request_too_large"),
-])
+@pytest.mark.parametrize(
+    "body,status,code_or_text",
+    [
+        (b"{not json", 400, "request body is not valid JSON"),
+        ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found"),
+        ({"model": "base", "messages": []}, 400, "messages"),
+        (
+            {"model": "base", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1000},
+            400,
+            "max_tokens 1000 is above this server's limit of 64",
+        ),
+        ({"model": "base", "messages": [{"role": "user", "content": "x" * 5000}]}, 413, "request_too_large"),
+    ],
+)
 def test_bad_requests_get_openai_errors(server, body, status, code_or_text):
     got_status, payload = raw(server, "POST", "/v1/chat/completions", body)
     assert got_status == status
@@ -144,8 +159,9 @@ def test_bad_requests_get_openai_errors(server, body, status, code_or_text):
 def test_api_key_is_required(server):
     status, payload = raw(server, "GET", "/v1/models", headers={"Authorization": "Bearer wrong"})
     assert status == 401 and payload["error"]["code"] == "invalid_api_key"
-    status, payload = raw(server, "POST", "/v1/chat/completions", {"model": "base", "messages": []},
-                          headers={"Authorization": ""})
+    status, payload = raw(
+        server, "POST", "/v1/chat/completions", {"model": "base", "messages": []}, headers={"Authorization": ""}
+    )
     assert status == 401 and payload["error"]["message"].startswith("missing or wrong API key")
     assert raw(server, "GET", "/health", headers={"Authorization": ""})[0] == 200
 

@@ -15,10 +15,21 @@ PROMPT = [{"role": "user", "content": "Suggest a weekend activity for a family."
 @pytest.fixture(scope="module")
 def smollm2_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "sft"
-    result = CliRunner().invoke(cli, [
-        "finetune", "--recipe", "smollm2-135m-sft-h4rmony", "-o", str(out), "--json",
-        "--set", "training.max_steps=20", "--set", "data.eval_split=0.05",
-    ])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "finetune",
+            "--recipe",
+            "smollm2-135m-sft-h4rmony",
+            "-o",
+            str(out),
+            "--json",
+            "--set",
+            "training.max_steps=20",
+            "--set",
+            "data.eval_split=0.05",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out, json.loads(result.stdout)
 
@@ -42,7 +53,9 @@ def test_adapter_loads_in_peft_and_changes_output(smollm2_run):
     base_path = resolve_model("smollm2-135m-instruct").path
     tok = AutoTokenizer.from_pretrained(base_path)
     model = AutoModelForCausalLM.from_pretrained(base_path)
-    ids = tok.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+        "input_ids"
+    ]
     with torch.no_grad():
         base_out = model.generate(ids, max_new_tokens=24, do_sample=False)
         tuned = PeftModel.from_pretrained(model, out / "adapter")
@@ -61,11 +74,25 @@ def test_sft_then_dpo_recipe_on_smollm2(tmp_path):
     from slmops.core.models import resolve_model
 
     out = tmp_path / "chain"
-    result = CliRunner().invoke(cli, [
-        "finetune", "--recipe", "smollm2-135m-sft-dpo", "-o", str(out), "--json",
-        "--set", "training.max_steps=6", "--set", "data.eval_split=null",
-        "--set", "dpo.max_steps=4", "--set", "dpo.data.eval_max_samples=8",
-    ])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "finetune",
+            "--recipe",
+            "smollm2-135m-sft-dpo",
+            "-o",
+            str(out),
+            "--json",
+            "--set",
+            "training.max_steps=6",
+            "--set",
+            "data.eval_split=null",
+            "--set",
+            "dpo.max_steps=4",
+            "--set",
+            "dpo.data.eval_max_samples=8",
+        ],
+    )
     assert result.exit_code == 0, result.output
     stages = json.loads(result.stdout)["stages"]
     assert (stages["sft"]["steps"], stages["dpo"]["steps"]) == (6, 4)
@@ -91,8 +118,9 @@ def test_export_int4_bundle_generates_and_verifies(smollm2_run, tmp_path):
 
     replies = {}
     for adapter in ([], ["-a", "sft"]):
-        result = CliRunner().invoke(cli, ["generate", str(bundle), *adapter, "-p", PROMPT[0]["content"],
-                                          "--max-new-tokens", "24", "--json"])
+        result = CliRunner().invoke(
+            cli, ["generate", str(bundle), *adapter, "-p", PROMPT[0]["content"], "--max-new-tokens", "24", "--json"]
+        )
         assert result.exit_code == 0, result.output
         replies[bool(adapter)] = json.loads(result.stdout)["text"]
     assert replies[True] != replies[False] and all(len(t.split()) >= 5 for t in replies.values()), replies
@@ -107,8 +135,23 @@ def test_export_int4_bundle_generates_and_verifies(smollm2_run, tmp_path):
     assert 0 < base["kl_mean"] < 0.05 and abs(base["ppl"] / base["ppl_reference"] - 1) < 0.05
 
     # llama.cpp on the embedded GGUF, interleaved with the bundle: the baseline `bench` reports ratios against
-    result = CliRunner().invoke(cli, ["bench", str(bundle), "--baseline", "llamacpp", "--skip-no-lora-base",
-                                      "--scenario", "64:16", "--reps", "1", "--warmup", "0", "--json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "bench",
+            str(bundle),
+            "--baseline",
+            "llamacpp",
+            "--skip-no-lora-base",
+            "--scenario",
+            "64:16",
+            "--reps",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     llama = [r for r in report["rows"] if r["engine"] == "llama.cpp"]

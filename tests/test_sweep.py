@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import PREFERENCE_DATA, SFT_DATA, write_recipe
 
+from conftest import PREFERENCE_DATA, SFT_DATA, write_recipe
 from slmops.cli import cli
 from slmops.core.errors import RecipeError, RunError
 from slmops.training.recipe import build_recipe, load_recipe
@@ -61,25 +61,43 @@ def _trial_eval_loss(sweep_dir: Path, folder: str) -> float:
 
 
 def test_search_space_choices_and_objective():
-    recipe = build_recipe({"data": {"file": "x.jsonl"}, "search": {"space": {
-        "training.learning_rate": {"min": 1e-5, "max": 1e-3, "steps": 3, "log": True},
-        "lora.r": {"min": 4, "max": 16, "steps": 3}, "lora.alpha": [8, 16]}}}, "t")
-    assert recipe.search.choices() == {"training.learning_rate": [1e-5, 1e-4, 1e-3], "lora.r": [4, 10, 16],
-                                       "lora.alpha": [8, 16]}
+    recipe = build_recipe(
+        {
+            "data": {"file": "x.jsonl"},
+            "search": {
+                "space": {
+                    "training.learning_rate": {"min": 1e-5, "max": 1e-3, "steps": 3, "log": True},
+                    "lora.r": {"min": 4, "max": 16, "steps": 3},
+                    "lora.alpha": [8, 16],
+                }
+            },
+        },
+        "t",
+    )
+    assert recipe.search.choices() == {
+        "training.learning_rate": [1e-5, 1e-4, 1e-3],
+        "lora.r": [4, 10, 16],
+        "lora.alpha": [8, 16],
+    }
     assert recipe.objective == "eval_loss" and recipe.search.sampler == "tpe"
     dpo = {"dpo": {"data": {"file": "p.jsonl"}}}
     assert build_recipe({**dpo, "search": {"space": {"dpo.beta": [0.1, 0.5]}}}, "t").objective == "preference_accuracy"
 
 
-@pytest.mark.parametrize("search, message", [
-    ({"space": {"lora.rank": [4]}}, "search.space: Value error, lora.rank cannot be searched; searchable keys: "
-                                    "training.learning_rate"),
-    ({"space": {"dpo.beta": [0.1]}}, "search.space: dpo.beta needs a `dpo` section"),
-    ({"space": {"lora.r": [4]}, "objective": "preference_accuracy"}, "preference_accuracy needs a `dpo` section"),
-    ({"space": {"training.lr_scheduler": {"min": 1, "max": 2}}}, "a range needs a numeric key"),
-    ({"space": {"lora.r": [4]}, "sampler": "bayes"}, "search.sampler: Input should be 'random', 'grid' or 'tpe'"),
-    ({"space": {"lora.r": [4]}, "extra": 1}, "search.extra: unknown key"),
-])
+@pytest.mark.parametrize(
+    "search, message",
+    [
+        (
+            {"space": {"lora.rank": [4]}},
+            "search.space: Value error, lora.rank cannot be searched; searchable keys: training.learning_rate",
+        ),
+        ({"space": {"dpo.beta": [0.1]}}, "search.space: dpo.beta needs a `dpo` section"),
+        ({"space": {"lora.r": [4]}, "objective": "preference_accuracy"}, "preference_accuracy needs a `dpo` section"),
+        ({"space": {"training.lr_scheduler": {"min": 1, "max": 2}}}, "a range needs a numeric key"),
+        ({"space": {"lora.r": [4]}, "sampler": "bayes"}, "search.sampler: Input should be 'random', 'grid' or 'tpe'"),
+        ({"space": {"lora.r": [4]}, "extra": 1}, "search.extra: unknown key"),
+    ],
+)
 def test_bad_search_section(search, message):
     with pytest.raises(RecipeError, match=None) as info:
         build_recipe({"data": {"file": "x.jsonl"}, "search": search}, "t")
@@ -111,11 +129,19 @@ def test_three_trial_sweep_picks_the_best_trial(tmp_path, tiny_model, runs_index
     for t in trials:  # each trial's objective is its own held-out loss, and its fine-tune output is kept
         assert t["objective"] == _trial_eval_loss(out, t["folder"])
         assert (out / t["folder"] / "adapter" / "adapter_model.safetensors").is_file()
-        assert json.loads((out / t["folder"] / "olive_config.json").read_text())["passes"]["sft"]["training_args"][
-            "learning_rate"] == t["params"]["training.learning_rate"]
+        assert (
+            json.loads((out / t["folder"] / "olive_config.json").read_text())["passes"]["sft"]["training_args"][
+                "learning_rate"
+            ]
+            == t["params"]["training.learning_rate"]
+        )
     best = min(trials, key=lambda t: t["objective"])
-    assert body["best"] == {"trial": best["number"], "params": best["params"], "objective": best["objective"],
-                            "folder": best["folder"]}
+    assert body["best"] == {
+        "trial": best["number"],
+        "params": best["params"],
+        "objective": best["objective"],
+        "folder": best["folder"],
+    }
     assert f"best: trial {best['number']}, adapter {out / best['folder'] / 'adapter'}" in msg
     # the sweep folder exports as its best trial's adapter
     from slmops.shipping.adapters import load_adapter
@@ -150,11 +176,17 @@ cli(sys.argv[1:], prog_name="slmops")
 """
 
 
+@pytest.mark.slow  # a sweep killed in a subprocess, resumed, and a whole one
 def test_sweep_killed_mid_way_resumes_without_redoing_trials(tmp_path, tiny_model, runs_index):
     recipe = sweep_recipe(tmp_path, tiny_model, "tpe")
     out = tmp_path / "sweep"
-    crashed = subprocess.run([sys.executable, "-c", CRASH_ON_SECOND_TRIAL, "sweep", "-r", str(recipe), "-o", str(out)],
-                             capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    crashed = subprocess.run(
+        [sys.executable, "-c", CRASH_ON_SECOND_TRIAL, "sweep", "-r", str(recipe), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ),
+    )
     assert crashed.returncode == -9, crashed.stderr[-2000:]
     assert not out.exists()
     # the index survived: the finished trial is done, the killed trial and the sweep show as crashed
@@ -176,22 +208,28 @@ def test_sweep_killed_mid_way_resumes_without_redoing_trials(tmp_path, tiny_mode
     # TPE replayed with trial 0's objective proposes what an uninterrupted sweep proposes
     assert run("sweep", "-r", recipe, "-o", tmp_path / "whole")[0] == 0
     whole = json.loads((tmp_path / "whole" / "sweep.json").read_text())
-    assert [(t["params"], t["objective"]) for t in body["trials"]] == [(t["params"], t["objective"])
-                                                                       for t in whole["trials"]]
+    assert [(t["params"], t["objective"]) for t in body["trials"]] == [
+        (t["params"], t["objective"]) for t in whole["trials"]
+    ]
     assert body["best"] == whole["best"]
 
 
 def test_sweep_refusals(tmp_path, tiny_model):
     plain = write_recipe(tmp_path / "plain.yaml", f"model:\n  name: {tiny_model}\ndata:\n  file: {SFT_DATA}\n")
     assert run("sweep", "-r", plain, "-o", tmp_path / "a") == (
-        2, "Error: recipe plain has no `search` section; add one (search: {space: {lora.r: [8, 16]}}) to sweep it")
+        2,
+        "Error: recipe plain has no `search` section; add one (search: {space: {lora.r: [8, 16]}}) to sweep it",
+    )
     no_eval = write_recipe(tmp_path / "no-eval.yaml", plain.read_text() + SEARCH.format(sampler="grid"))
     assert run("sweep", "-r", no_eval, "-o", tmp_path / "a") == (
-        2, "Error: the sweep's objective eval_loss is measured on held-out sft rows and this recipe has none; set "
-           "data.eval_split (e.g. 0.1) or data.eval_file")
+        2,
+        "Error: the sweep's objective eval_loss is measured on held-out sft rows and this recipe has none; set "
+        "data.eval_split (e.g. 0.1) or data.eval_file",
+    )
     assert not (tmp_path / "a").exists()
     assert run("sweep", "-r", sweep_recipe(tmp_path, tiny_model), "-o", tmp_path / "b", "--resume")[1].startswith(
-        "Error: nothing to resume for")
+        "Error: nothing to resume for"
+    )
     bad = sweep_recipe(tmp_path, tiny_model, extra="    lora.r: [4, 0]\n")
     code, msg = run("sweep", "-r", bad, "-o", tmp_path / "c")
     assert code == 2 and "(trial values {'lora.r': 0}): lora.r: Input should be greater than or equal to 1" in msg
@@ -204,9 +242,11 @@ def test_resume_without_output_finds_the_newest_interrupted_sweep(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     with pytest.raises(RunError, match="nothing to resume: no interrupted sweep of recipe r under outputs/"):
         interrupted_sweep("r")
-    for name, files in ((".slmops-partial-r-sweep-20260101-000000", ["recipe.yaml", "sweep.json"]),
-                        (".slmops-partial-r-sweep-20260102-000000", ["recipe.yaml", "sweep.json"]),
-                        (".slmops-partial-r-20260103-000000", ["recipe.yaml"])):  # a fine-tune of the recipe
+    for name, files in (
+        (".slmops-partial-r-sweep-20260101-000000", ["recipe.yaml", "sweep.json"]),
+        (".slmops-partial-r-sweep-20260102-000000", ["recipe.yaml", "sweep.json"]),
+        (".slmops-partial-r-20260103-000000", ["recipe.yaml"]),
+    ):  # a fine-tune of the recipe
         (tmp_path / "outputs" / name).mkdir(parents=True)
         for f in files:
             (tmp_path / "outputs" / name / f).write_text("{}")
@@ -228,7 +268,10 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_model,
     monkeypatch.setattr(finetune_module, "finetune", flaky)
     result = sweep(load_recipe(str(sweep_recipe(tmp_path, tiny_model, "grid"))), tmp_path / "s")
     assert [(t.status, t.error) for t in result.trials] == [
-        ("done", None), ("failed", "Olive finished without producing an adapter"), ("done", None)]
+        ("done", None),
+        ("failed", "Olive finished without producing an adapter"),
+        ("done", None),
+    ]
     assert result.best.number in (0, 2)
     assert not list((tmp_path / "s" / "trials").glob(".slmops-*"))  # no leftovers of the failed trial
 
@@ -249,8 +292,14 @@ def test_resume_refuses_a_changed_recipe_or_data(tmp_path, tiny_model):
     _write_sweep(partial, recipe, 3, result, identity)
     assert _previous_trials(partial, recipe, identity) == {0: done, 1: failed}  # failed ones replay as failed
     # a resume cut off before its replay reached them keeps them
-    _write_sweep(partial, recipe, 3, SweepResult(str(partial), "eval_loss", False, [], None), identity,
-                 pending={0: done, 1: failed})
+    _write_sweep(
+        partial,
+        recipe,
+        3,
+        SweepResult(str(partial), "eval_loss", False, [], None),
+        identity,
+        pending={0: done, 1: failed},
+    )
     assert _previous_trials(partial, recipe, identity) == {0: done, 1: failed}
     recipe.search.trials = 5  # more trials is fine
     assert _previous_trials(partial, recipe, identity) == {0: done, 1: failed}
@@ -334,5 +383,7 @@ def test_report_to_tensorboard_is_opt_in(tmp_path, tiny_model, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
     assert run("finetune", "-r", recipe, "-o", tmp_path / "ml", "--report-to", "mlflow") == (
-        2, "Error: reporting to mlflow needs the mlflow package, which is not installed; `pip install mlflow`, or "
-           "drop mlflow from --report-to / training.report_to")
+        2,
+        "Error: reporting to mlflow needs the mlflow package, which is not installed; `pip install mlflow`, or "
+        "drop mlflow from --report-to / training.report_to",
+    )
