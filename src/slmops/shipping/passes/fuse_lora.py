@@ -279,9 +279,11 @@ def _replace(g: _Graph, members: list[_Member], new_nodes: list, new_inits: list
     kept = [n for n in nodes[:at] if id(n) not in old_ids] + new_nodes + [n for n in nodes[at:] if id(n) not in old_ids]
     del g.graph.node[:]
     g.graph.node.extend(kept)
-    inits = [i for i in g.graph.initializer if i.name not in weights] + new_inits
-    del g.graph.initializer[:]
-    g.graph.initializer.extend(inits)
+    # In place: rebuilding the list copies every weight into the model's protobuf arena, which frees nothing
+    # until the model goes (measured: +0.6 GB per group on SmolLM2, 17.7 GB peak for its 30 groups).
+    for index in reversed([k for k, init in enumerate(g.graph.initializer) if init.name in weights]):
+        del g.graph.initializer[index]
+    g.graph.initializer.extend(new_inits)
     g.init = {i.name: i for i in g.graph.initializer}
     g.producer = {o: n for n in g.graph.node for o in n.output}
     g.consumers = {}
