@@ -245,8 +245,9 @@ def test_dry_run_prints_plan_and_json(tmp_path, tiny_model):
     assert config["passes"]["sft"]["r"] == 16
 
 
-def test_finetune_summary(tmp_path, tiny_model):
-    code, out = run(
+def train_two_steps(tmp_path, tiny_model, *extra):
+    """A real two-step fine-tune of the shipped SFT recipe on the tiny model and the fixture rows."""
+    return run(
         "finetune",
         "--recipe",
         "smollm2-135m-sft-h4rmony",
@@ -260,10 +261,13 @@ def test_finetune_summary(tmp_path, tiny_model):
         "--set",
         "data.max_samples=8",
         "--set",
-        "data.eval_split=null",
-        "--set",
         "training.dtype=float32",
+        *extra,
     )
+
+
+def test_finetune_summary(tmp_path, tiny_model):
+    code, out = train_two_steps(tmp_path, tiny_model, "--set", "data.eval_split=null")
     assert code == 0, out
     lines = out.splitlines()
     assert lines[0] == (
@@ -294,23 +298,7 @@ def test_usage_errors_exit_2(flag, message):
 
 
 def test_finetune_json_stdout_is_clean(tmp_path, tiny_model):
-    code, out = run(
-        "finetune",
-        "--recipe",
-        "smollm2-135m-sft-h4rmony",
-        "--model",
-        str(tiny_model),
-        *FIXTURE_DATA,
-        "-o",
-        str(tmp_path / "out"),
-        "--set",
-        "training.max_steps=2",
-        "--set",
-        "data.max_samples=8",
-        "--set",
-        "training.dtype=float32",
-        "--json",
-    )
+    code, out = train_two_steps(tmp_path, tiny_model, "--json")
     assert code == 0, out
     result = json.loads(out)
     assert result["stages"]["sft"]["steps"] == 2 and result["adapter_dir"] == str(tmp_path / "out" / "adapter")

@@ -6,28 +6,18 @@ from typing import cast
 
 import click
 
-from slmops.training.recipe import find_recipe, load_recipe, recipe_dirs, recipe_to_yaml
-
 
 @click.group("recipes")
 def recipes_group() -> None:
     """List, show and validate recipes."""
 
 
-def _shipped() -> list:
-    seen, found = set(), []
-    for folder in recipe_dirs():
-        for path in sorted(folder.glob("*.yaml")):
-            if path.stem not in seen:
-                seen.add(path.stem)
-                found.append(path)
-    return found
-
-
 @recipes_group.command("list")
 def list_command() -> None:
     """The shipped recipes: name, method, model and data."""
-    for path in _shipped():
+    from slmops.training.recipe import load_recipe, shipped_recipes
+
+    for path in shipped_recipes():
         r = load_recipe(str(path))
         sections = [r.data, r.dpo.data if r.dpo else None]
         # cast: a data section's validator requires `file` or `dataset`
@@ -40,6 +30,8 @@ def list_command() -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any key, e.g. lora.r=8.")
 def show_command(recipe: str, sets: tuple[str, ...]) -> None:
     """Print a recipe with every default filled in."""
+    from slmops.training.recipe import load_recipe, recipe_to_yaml
+
     click.echo(recipe_to_yaml(load_recipe(recipe, sets=list(sets))), nl=False)
 
 
@@ -47,6 +39,8 @@ def show_command(recipe: str, sets: tuple[str, ...]) -> None:
 @click.argument("recipes", nargs=-1)
 def validate_command(recipes: tuple[str, ...]) -> None:
     """Validate recipes (default: every shipped recipe). Exit 2 on the first invalid one."""
-    for name in recipes or [str(p) for p in _shipped()]:
+    from slmops.training.recipe import find_recipe, load_recipe, shipped_recipes
+
+    for name in recipes or [str(p) for p in shipped_recipes()]:
         load_recipe(name)
         click.echo(f"ok  {find_recipe(name)}")

@@ -459,6 +459,18 @@ def recipe_dirs() -> list[Path]:
     return unique
 
 
+def shipped_recipes() -> list[Path]:
+    """Every shipped recipe once, by name: the first folder of recipe_dirs() that has it wins."""
+    seen: set[str] = set()
+    found = []
+    for folder in recipe_dirs():
+        for path in sorted(folder.glob("*.yaml")):
+            if path.stem not in seen:
+                seen.add(path.stem)
+                found.append(path)
+    return found
+
+
 def find_recipe(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_file():
