@@ -121,7 +121,7 @@ class Quantization:
     int4_algo: str = "auto"
     block_size: int = 32
     accuracy_level: int = 4
-    kv_cache: str = "fp32"  # one of kv_cache.KV_CACHES
+    kv_cache: str = "fp32"  # one of core.choices.KV_CACHES
     float_layers: tuple[int, ...] = ()  # gguf: decoder layers whose MatMuls stay fp32 (the most sensitive)
 
     def describe(self) -> str:
