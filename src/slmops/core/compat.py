@@ -85,6 +85,11 @@ def honour_interrupts() -> Iterator[None]:
     raise_if_interrupted()
 
 
+def interrupt_handled() -> None:
+    """The command dealt with the signal itself (`serve` drains and stops): do not raise it again."""
+    _INTERRUPTS.clear()
+
+
 def raise_if_interrupted() -> None:
     if _INTERRUPTS:
         _INTERRUPTS.clear()

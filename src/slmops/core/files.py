@@ -118,15 +118,9 @@ def resumable_dir(target: Path, resume: bool, keep: Callable[[Path], bool]) -> I
     """Like atomic_dir, but the partial folder has a fixed name and outlives a failed run when
     keep(partial) says it holds something to resume from (a checkpoint); `resume` continues in it."""
     target = Path(target).absolute()
-    check_target(target, resume)
     with output_lock(target):
-        _refuse_existing(target)  # as the run that held the lock before us left it
+        _refuse_to_start(target, resume)
         partial = resume_folder(target)
-        if partial.exists() and not resume:
-            raise RunError(
-                f"'{target}' has an interrupted run in {partial}; continue it with --resume, "
-                "or delete that folder to start over"
-            )
         partial.mkdir(exist_ok=True)
         try:
             yield partial
@@ -140,8 +134,15 @@ def resumable_dir(target: Path, resume: bool, keep: Callable[[Path], bool]) -> I
 def check_target(target: Path, resume: bool) -> None:
     """What resumable_dir would refuse at once, checked early (before a run is recorded anywhere)."""
     target = Path(target).absolute()
-    with output_lock(target):  # a run writing it now is named as such, not as an interrupted one
-        pass
+    # Under the lock: a run writing it now is named as such, and a partial folder seen while we
+    # hold the lock is a dead run's, not one another run made a moment after we let go.
+    with output_lock(target):
+        _refuse_to_start(target, resume)
+
+
+def _refuse_to_start(target: Path, resume: bool) -> None:
+    """RunError if `target` is finished, or its partial folder does not match `resume`; call it
+    under the lock."""
     _refuse_existing(target)
     partial = resume_folder(target)
     if partial.exists() and not resume:

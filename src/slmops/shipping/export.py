@@ -697,14 +697,7 @@ def _add_adapters(bundle_dir: Path, adapters: dict[str, Path], model: ResolvedMo
             f"--model {model.name} is not the base this bundle was built from "
             f"({manifest.base.name}); pass --model {manifest.base.name}"
         )
-    n_layers, shapes = lora.base_shapes(model.path)
-    inputs = graph_lora_inputs(bundle_dir / "model.onnx")
-    loaded = [lora.load_adapter(name, path) for name, path in adapters.items()]
-    for adapter in loaded:
-        _check_base(adapter, model, fingerprint)
-        lora.check_fits(adapter, n_layers, shapes, model.name)
-        lora.onnx_tensors(adapter, inputs, shapes)  # refuses modules the graph has no input for, before writing
-    _check_kv_range(bundle_dir, manifest, model, loaded)
+    loaded, inputs, shapes = _checked_adapters(bundle_dir, manifest, adapters, model, fingerprint)
     written = []
     try:
         for adapter in loaded:
@@ -719,6 +712,63 @@ def _add_adapters(bundle_dir: Path, adapters: dict[str, Path], model: ResolvedMo
             path.unlink(missing_ok=True)
         raise
     return manifest
+
+
+def _checked_adapters(
+    bundle_dir: Path, manifest: BundleManifest, adapters: dict[str, Path], model: ResolvedModel, fingerprint: str
+) -> tuple[list[lora.Adapter], dict[str, tuple[int, int]], dict[tuple[int, str], tuple[int, int]]]:
+    """Read PEFT adapters and refuse any that does not fit the bundle: its base, shapes, graph inputs, KV range."""
+    n_layers, shapes = lora.base_shapes(model.path)
+    inputs = graph_lora_inputs(bundle_dir / "model.onnx")
+    loaded = [lora.load_adapter(name, path) for name, path in adapters.items()]
+    for adapter in loaded:
+        _check_base(adapter, model, fingerprint)
+        lora.check_fits(adapter, n_layers, shapes, model.name)
+        lora.onnx_tensors(adapter, inputs, shapes)  # refuses modules the graph has no input for, before writing
+    _check_kv_range(bundle_dir, manifest, model, loaded)
+    return loaded, inputs, shapes
+
+
+def warm_live_adapters() -> None:
+    """Import what converting a PEFT adapter needs (torch: over a second), so a server pays it at start, not on a POST."""
+    import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401
+
+
+def live_adapter(bundle_dir: Path, manifest: BundleManifest, name: str, path: Path) -> tuple[dict, str]:
+    """An adapter for a running server: its tensors named after the bundle graph's LoRA inputs, and its sha256.
+
+    A PEFT folder (or `slmops finetune` output) is converted here and checked as `export --into`
+    checks one. An `.onnx_adapter` file is read as it is; if it sits in a bundle, that bundle must
+    have the same base, and the file the sha256 that bundle's manifest records for it. Either way
+    the server checks the tensors against its graph's inputs as it loads them.
+    """
+    from slmops.core.files import file_sha256
+    from slmops.shipping.batching import read_onnx_adapter
+    from slmops.shipping.manifest import MANIFEST
+
+    if path.is_dir():
+        base = manifest.base  # where it was built, else by name (the embedded default builds itself)
+        model = resolve_model(base.path if base.source == "local" and Path(base.path).is_dir() else base.name)
+        loaded, inputs, shapes = _checked_adapters(bundle_dir, manifest, {name: path}, model, manifest.base.sha256)
+        return lora.onnx_tensors(loaded[0], inputs, shapes), file_sha256(loaded[0].path / "adapter_model.safetensors")
+    if path.suffix != ".onnx_adapter" or not path.is_file():
+        raise RunError(f"'{path}' is neither a PEFT adapter folder nor an .onnx_adapter file")
+    digest = file_sha256(path)
+    home = path.parent.parent
+    if (home / MANIFEST).is_file():
+        other = read_manifest(home)
+        if other.base.sha256 != manifest.base.sha256:
+            raise RunError(
+                f"'{path}' belongs to a bundle built from {other.base.name} (weights sha256 "
+                f"{other.base.sha256[:12]}), not this server's {manifest.base.name}; export it for this base"
+            )
+        recorded = other.files.get(path.relative_to(home).as_posix())
+        if recorded is not None and recorded != digest:
+            raise RunError(
+                f"'{path}' does not match the sha256 its bundle's manifest records; run `slmops verify {home}`"
+            )
+    return read_onnx_adapter(path), digest
 
 
 if __name__ == "__main__":  # export_in_child's child; run the module's own copy, whose classes pickle by name

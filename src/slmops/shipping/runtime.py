@@ -80,6 +80,7 @@ class Runtime:
                 )
             model_dir = self.path / variants[merged].folder
             self.manifest = self.manifest.model_copy(update={"adapters": {}})
+        self.model_dir = model_dir  # the decoder's folder: the bundle's, or a merged variant's
         config = og.Config(str(model_dir))
         _select_provider(og, config, self.manifest)
         if threads:
@@ -93,7 +94,7 @@ class Runtime:
         self._lock = threading.Lock()
         self.context_length = context_length(model_dir)
         ids = self.tokenizer.eos_token_ids
-        self._eos = {int(i) for i in (ids if hasattr(ids, "__iter__") else [ids])}
+        self.eos = {int(i) for i in (ids if hasattr(ids, "__iter__") else [ids])}
 
     def _open_package(self, pkg: Path, variant: Optional[str], merged: Optional[str]) -> Path:
         """A variant of a model package, laid out as a flat bundle in a folder that lives as long as we do."""
@@ -162,37 +163,25 @@ class Runtime:
         if adapter:
             self.load_adapter(adapter)
             generator.set_active_adapter(self.adapters, adapter)
-        decoder = self.tokenizer.create_stream()
-        start, first, out, text = time.perf_counter(), None, [], ""
+        text = TextStream(self, stop)
+        start, first = time.perf_counter(), None
         generator.append_tokens(tokens)
-        finish = "length"
         while not generator.is_done():
             generator.generate_next_token()
-            token = generator.get_next_tokens()[0]
             first = first if first is not None else time.perf_counter() - start
-            if token in self._eos:
-                finish = "stop"
-                break
-            out.append(token)
-            piece = decoder.decode(token)
-            text += piece
-            hit = _first_stop(text, stop)
-            if hit is not None:
-                piece = piece[: max(0, len(piece) - (len(text) - hit))]
-                text = text[:hit]
-                finish = "stop"
-                if piece:
-                    yield piece
-                break
+            piece = text.add(generator.get_next_tokens()[0])
             if piece:
                 yield piece
-        if finish == "length" and len(tokens) + len(out) < options["max_length"]:
+            if text.finish:
+                break
+        finish = text.finish or "length"
+        if finish == "length" and len(tokens) + len(text.tokens) < options["max_length"]:
             finish = "stop"  # the generator ended on its own: an end-of-sequence token
         del generator
         if result is not None:
-            result.text, result.prompt_tokens, result.completion_tokens = text, len(tokens), len(out)
+            result.text, result.prompt_tokens, result.completion_tokens = text.text, len(tokens), len(text.tokens)
             result.finish_reason, result.seconds = finish, time.perf_counter() - start
-            result.first_token_seconds, result.tokens = first, out
+            result.first_token_seconds, result.tokens = first, text.tokens
 
     def generate(
         self, prompt: str, adapter: Optional[str] = None, sampling: Sampling = Sampling(), stop: tuple[str, ...] = ()
@@ -201,6 +190,33 @@ class Runtime:
         for _ in self.stream(prompt, adapter, sampling, stop, result):
             pass
         return result
+
+
+class TextStream:
+    """Token ids in, text out, for one completion: it ends at an end-of-sequence token or a stop string."""
+
+    def __init__(self, runtime: Runtime, stop: tuple[str, ...] = ()):
+        self.decoder = runtime.tokenizer.create_stream()
+        self.eos, self.stop = runtime.eos, stop
+        self.text = ""
+        self.tokens: list[int] = []
+        self.finish: Optional[str] = None  # "stop" once ended
+
+    def add(self, token: int) -> str:
+        """The new text `token` brings (cut at a stop string); sets `finish` when the completion ends."""
+        token = int(token)
+        if token in self.eos:
+            self.finish = "stop"
+            return ""
+        self.tokens.append(token)
+        piece = self.decoder.decode(token)
+        self.text += piece
+        hit = _first_stop(self.text, self.stop)
+        if hit is not None:
+            piece = piece[: max(0, len(piece) - (len(self.text) - hit))]
+            self.text = self.text[:hit]
+            self.finish = "stop"
+        return piece
 
 
 def _first_stop(text: str, stop: tuple[str, ...]) -> Optional[int]:
