@@ -167,6 +167,17 @@ CASES = [
     ),
     ("bad-scenario", lambda w, o: ["bench", w["bundle"], "--scenario", "128", "-o", o], "expected PROMPT:NEW"),
     ("serve-missing-bundle", lambda w, o: ["serve", w["root"] / "nope"], "not found"),
+    (
+        "serve-adapter-dir-missing",
+        lambda w, o: ["serve", w["bundle"], "--adapter-dir", w["root"] / "nope"],
+        "does not exist",
+    ),
+    ("preview-missing-recipe", lambda w, o: ["data", "preview", "-r", w["root"] / "nope.yaml"], "nope.yaml"),
+    (
+        "preview-bad-train-on",
+        lambda w, o: ["data", "preview", "-r", recipe(w, GOOD_RECIPE, "p1"), "--set", "data.train_on=every"],
+        "train_on",
+    ),
 ]
 
 

@@ -290,11 +290,11 @@ def test_tokenize_masks_prompt_and_keeps_examples_apart(tiny_model):
         {"prompt": None, "completion": "plain text"},
     ]
     first, second = data.tokenize_sft(examples, tok, max_seq_len=128)
-    n_prompt = sum(1 for label in first["labels"] if label == data.IGNORE_INDEX)
+    n_prompt = next(i for i, label in enumerate(first["labels"]) if label != data.IGNORE_INDEX)
     prompt_text = tok.apply_chat_template(examples[0]["prompt"], tokenize=False, add_generation_prompt=True)
     assert tok.decode(first["input_ids"][:n_prompt]) == prompt_text
-    assert tok.decode(first["labels"][n_prompt:]) == "yes, many trees<|im_end|>\n"
-    assert first["labels"][n_prompt:] == first["input_ids"][n_prompt:]
+    assert _trained_spans(tok, first) == ["yes, many trees<|im_end|>"]  # not the template's newline after it
+    assert tok.decode(first["input_ids"][n_prompt:]) == "yes, many trees<|im_end|>\n"
     assert data.IGNORE_INDEX not in second["labels"]  # plain text: every token is trained on
     assert tok.decode(second["input_ids"]) == "plain text<|im_end|>"
 
@@ -306,7 +306,99 @@ def test_tokenize_truncates_prompt_before_answer(tiny_model):
     long = {"prompt": [{"role": "user", "content": "trees " * 200}], "completion": "short answer"}
     (feat,) = data.tokenize_sft([long], tok, max_seq_len=32)
     assert len(feat["input_ids"]) == 32
-    assert tok.decode([t for t in feat["labels"] if t != data.IGNORE_INDEX]) == "short answer<|im_end|>\n"
+    assert tok.decode([t for t in feat["labels"] if t != data.IGNORE_INDEX]) == "short answer<|im_end|>"
+
+
+QWEN_STYLE = (  # Qwen2.5's shape: a default system prompt when the conversation has none
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>system\nYou are Qwen, a helpful assistant.<|im_end|>\n' }}{%- endif %}"
+    "{%- for m in messages %}{%- if not (m['role'] == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+CONVERSATION = [
+    {"role": "user", "content": "plant trees"},
+    {"role": "assistant", "content": "yes, many"},
+    {"role": "user", "content": "which ones"},
+    {"role": "assistant", "content": "oaks"},
+    {"role": "tool", "content": "oak: slow"},
+    {"role": "user", "content": "and then"},
+    {"role": "assistant", "content": "wait"},
+]
+
+
+def _trained_spans(tok, feature) -> list[str]:
+    """The trained tokens, decoded run by run."""
+    spans, run = [], []
+    for label in [*feature["labels"], data.IGNORE_INDEX]:
+        if label == data.IGNORE_INDEX:
+            if run:
+                spans.append(tok.decode(run))
+            run = []
+        else:
+            run.append(label)
+    return spans
+
+
+def _as_example(messages):
+    return {"prompt": messages[:-1], "completion": messages[-1]["content"]}
+
+
+@pytest.fixture(params=["chatml", "qwen-style", "smollm2"])
+def chat_tokenizer(request, tiny_model):
+    from transformers import AutoTokenizer
+
+    if request.param == "smollm2":  # the real one, with its default system prompt
+        from slmops.core.models import DEFAULT_MODEL, resolve_model
+
+        return AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL).path)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    if request.param == "qwen-style":
+        tok.chat_template = QWEN_STYLE
+    return tok
+
+
+def test_every_assistant_turn_is_trained(chat_tokenizer):
+    stats = data.TokenStats()
+    (feat,) = data.tokenize_sft([_as_example(CONVERSATION)], chat_tokenizer, 512, stats=stats)
+    assert _trained_spans(chat_tokenizer, feat) == ["yes, many<|im_end|>", "oaks<|im_end|>", "wait<|im_end|>"]
+    assert chat_tokenizer.decode(feat["input_ids"]) == chat_tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    assert stats.trained == sum(label != data.IGNORE_INDEX for label in feat["labels"]) and stats.last_turn_only == 0
+
+
+def test_last_assistant_trains_only_the_final_answer(chat_tokenizer):
+    (feat,) = data.tokenize_sft([_as_example(CONVERSATION)], chat_tokenizer, 512, train_on="last_assistant")
+    assert _trained_spans(chat_tokenizer, feat) == ["wait<|im_end|>"]
+
+
+def test_a_long_conversation_loses_whole_early_exchanges(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    conversation = [{"role": "system", "content": "be brief"}, *CONVERSATION]
+    whole = len(data.tokenize_sft([_as_example(conversation)], tok, 512)[0]["input_ids"])
+    stats = data.TokenStats()
+    (feat,) = data.tokenize_sft([_as_example(conversation)], tok, whole - 1, stats=stats)
+    text = tok.decode(feat["input_ids"])
+    assert text.startswith("<|im_start|>system\nbe brief") and "plant trees" not in text and "which ones" in text
+    assert _trained_spans(tok, feat) == ["oaks<|im_end|>", "wait<|im_end|>"]
+    assert (stats.truncated_rows, stats.dropped_turns) == (1, 1)
+    assert "1 of 1 examples were over max_seq_len" in data.truncation_note(stats, whole - 1)
+
+
+def test_a_template_that_rewrites_earlier_turns_trains_the_last_answer(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    # earlier answers hidden, as reasoning templates do: a conversation is not the run of its prefixes
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['role'] == 'assistant' and not loop.last %}...{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    stats = data.TokenStats()
+    (feat,) = data.tokenize_sft([_as_example(CONVERSATION)], tok, 512, stats=stats)
+    assert _trained_spans(tok, feat) == ["wait<|im_end|>"] and stats.last_turn_only == 1
 
 
 def test_tokenize_without_chat_template(tiny_model):
@@ -382,3 +474,56 @@ def test_slices_train_and_evaluate_on_disjoint_rows(tmp_path):
         load_splits(locate(str(path), None, "train[:6]"), eval_split="train[5:8]")
     with pytest.raises(DataError, match="a local file has only the train split, not 'test'"):
         load_splits(locate(str(path), None, "test[:6]"))
+
+
+# --- Hugging Face dataset folders (data.dataset naming a local folder) --------------------------
+
+
+def _qa_rows(n: int, start: int = 0) -> list[dict]:
+    return [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(start, start + n)]
+
+
+@pytest.fixture
+def saved_dataset(tmp_path):
+    import datasets
+
+    folder = tmp_path / "saved"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(_qa_rows(10)), "test": datasets.Dataset.from_list(_qa_rows(3, 100))}
+    ).save_to_disk(str(folder))
+    return folder
+
+
+@pytest.fixture
+def parquet_dataset(tmp_path):
+    import datasets
+
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    datasets.Dataset.from_list(_qa_rows(10)).to_parquet(str(folder / "train-00000-of-00001.parquet"))
+    datasets.Dataset.from_list(_qa_rows(3, 100)).to_parquet(str(folder / "test-00000-of-00001.parquet"))
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["saved_dataset", "parquet_dataset"])
+def test_a_local_dataset_folder_is_read_offline_by_split(kind, request, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    folder = request.getfixturevalue(kind)
+    source = data.locate(None, str(folder), "train[:8]")
+    assert source.path == str(folder.resolve()) and len(source.sha256) == 64
+    train, held = data.load_splits(source, "sft", eval_split="train[8:]")
+    assert [e["completion"] for e in train] == [f"answer {i}" for i in range(8)]
+    assert [e["completion"] for e in held] == ["answer 8", "answer 9"]
+    _, test = data.load_splits(source, "sft", eval_split="test")
+    assert [e["completion"] for e in test] == ["answer 100", "answer 101", "answer 102"]
+    with pytest.raises(DataError, match=r"eval_split train\[5:\] shares 3 rows with split train\[:8\]"):
+        data.load_splits(source, "sft", eval_split="train[5:]")
+    with pytest.raises(DataError, match="validation"):
+        data.load_splits(data.locate(None, str(folder), "validation"), "sft")
+
+
+def test_a_dataset_folders_hash_follows_its_content(saved_dataset):
+    before = data.locate(None, str(saved_dataset)).sha256
+    (saved_dataset / "extra.txt").write_text("x")
+    assert data.locate(None, str(saved_dataset)).sha256 != before

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -77,6 +78,7 @@ def steps_logged(out: Path) -> list[int]:
 def test_killed_finetune_resumes_to_the_same_step_count(tmp_path, recipe):
     out = tmp_path / "out"
     partial = resume_folder(out)
+    recipe.write_text(recipe.read_text() + "  report_to: [tensorboard]\n")
     proc = spawn("finetune", "-r", recipe, "-o", out, log=tmp_path / "first.log")
     wait_for(lambda: any(partial.glob("work/checkpoints/checkpoint-*/trainer_state.json")), proc)
     proc.send_signal(signal.SIGKILL)
@@ -88,9 +90,28 @@ def test_killed_finetune_resumes_to_the_same_step_count(tmp_path, recipe):
 
     code, msg = run("finetune", "-r", recipe, "-o", out, "--resume")
     assert code == 0, msg
+    match = re.search(r"Resuming .* from checkpoints/checkpoint-(\d+) \(step (\d+)\)", msg)
+    assert match and match.group(1) == match.group(2), msg
+    step = int(match.group(2))
     assert json.loads((out / "run.json").read_text())["stages"]["sft"]["steps"] == 150
-    assert steps_logged(out) == list(range(1, 151))  # continued, not restarted: each step once
+    assert steps_logged(out) == list(range(1, 151))  # the whole run's log (the trainer keeps it in checkpoints)
+    # what each process trained, from its own TensorBoard file: the resumed one starts after the checkpoint
+    first, resumed = _steps_per_process(out / "tensorboard" / "sft")
+    assert first[0] == 1 and resumed == list(range(step + 1, 151))
     assert not partial.exists() and not list(tmp_path.glob(f"{LOCK_PREFIX}*"))
+
+
+def _steps_per_process(logs: Path) -> list[list[int]]:
+    """The loss steps each training process logged (each writes its own event file), in time order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = []
+    for events in sorted(logs.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if "train/loss" in accumulator.Tags()["scalars"]:
+            out.append([e.step for e in accumulator.Scalars("train/loss")])
+    return out
 
 
 @pytest.mark.slow  # a fine-tune in a subprocess, killed at its first checkpoint
@@ -210,3 +231,27 @@ def test_a_full_disk_fails_cleanly_and_leaves_nothing(tmp_path, tiny_model, size
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("Error: no space left on the device")
     assert left == []
+
+
+@pytest.mark.slow  # a DPO run in a subprocess, killed after a checkpoint and resumed
+def test_killed_dpo_resumes_after_its_checkpoint(tmp_path, tiny_model):
+    from conftest import PREFERENCE_DATA
+
+    body = (
+        f"model:\n  name: {tiny_model}\nlora:\n  r: 4\n  alpha: 8\n"
+        f"dpo:\n  data:\n    file: {PREFERENCE_DATA}\n    max_samples: 16\n  max_length: 64\n  max_steps: 60\n"
+        "  save_steps: 5\n  batch_size: 2\n  learning_rate: 5.0e-3\n  dtype: float32\n"
+        "training:\n  logging_steps: 1\n  report_to: [tensorboard]\n"
+    )
+    recipe = write_recipe(tmp_path / "dpo.yaml", body)
+    out = tmp_path / "out"
+    proc = spawn("finetune", "-r", recipe, "-o", out, log=tmp_path / "first.log")
+    wait_for(lambda: any(resume_folder(out).glob("work/*/checkpoint-*/trainer_state.json")), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    code, msg = run("finetune", "-r", recipe, "-o", out, "--resume")
+    assert code == 0, msg
+    step = int(re.search(r"Resuming .* from \S+/checkpoint-\d+ \(step (\d+)\)", msg).group(1))
+    assert json.loads((out / "run.json").read_text())["stages"]["dpo"]["steps"] == 60
+    first, resumed = _steps_per_process(out / "tensorboard" / "dpo")
+    assert first[0] == 1 and resumed == list(range(step + 1, 61))

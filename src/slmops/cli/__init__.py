@@ -57,7 +57,20 @@ def cli(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from slmops.cli import bench, compare, doctor, export, finetune, generate, package, recipes, runs, serve, sweep
+    from slmops.cli import (
+        bench,
+        compare,
+        data,
+        doctor,
+        export,
+        finetune,
+        generate,
+        package,
+        recipes,
+        runs,
+        serve,
+        sweep,
+    )
     from slmops.cli import eval as eval_cli
 
     cli.add_command(finetune.finetune_command)
@@ -73,6 +86,7 @@ def _register() -> None:
     cli.add_command(eval_cli.eval_command)
     cli.add_command(compare.compare_command)
     cli.add_command(recipes.recipes_group)
+    cli.add_command(data.data_group)
     cli.add_command(doctor.doctor_command)
 
 

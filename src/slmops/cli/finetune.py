@@ -91,6 +91,8 @@ def finetune_command(recipe, model, data, output, sets, dry_run, resume, num_pro
         from slmops.training import runs
 
         check_target(output, resume)  # an output that exists is refused before the run is indexed
+        if resume:
+            _say_resume_point(output)
         with runs.track("finetune", r.name, output, **runs.finetune_fields(r)) as record:
             result = finetune(r, output, resume=resume)
             runs.add_finetune_result(record, result)
@@ -98,6 +100,17 @@ def finetune_command(recipe, model, data, output, sets, dry_run, resume, num_pro
         click.echo(json.dumps({k: v for k, v in asdict(result).items() if k != "log"}, indent=2))
     else:
         click.echo(_summary(r, result))
+
+
+def _say_resume_point(output: Path) -> None:
+    from slmops.core.files import resume_folder
+    from slmops.training.outputs import last_checkpoint
+
+    point = last_checkpoint(resume_folder(output))
+    where = (
+        f"{point[0].parent.name}/{point[0].name} (step {point[1]})" if point else "the start (no checkpoint was saved)"
+    )
+    click.echo(f"Resuming {output} from {where}", err=True)
 
 
 REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")

@@ -46,7 +46,7 @@ from slmops.cli.generate import variant_option
     "--adapter-dir",
     "adapter_dirs",
     multiple=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
     help="A folder adapters may be loaded from at run time (repeatable).",
 )
 @click.option(
@@ -104,10 +104,14 @@ def serve_command(
     import uvicorn
 
     from slmops.core.compat import interrupt_handled
+    from slmops.core.errors import RunError
     from slmops.core.privacy import go_offline
     from slmops.shipping.serve import ServeOptions, create_app
 
     go_offline(olive=False)
+    for folder in adapter_dirs:
+        if not folder.is_dir():
+            raise RunError(f"--adapter-dir {folder} does not exist or is not a folder; create it, or pass another")
     app = create_app(
         bundle,
         ServeOptions(

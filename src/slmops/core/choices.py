@@ -65,3 +65,6 @@ def available_targets() -> list[str]:
 Tracker = Literal["tensorboard", "wandb", "mlflow"]  # training.report_to / --report-to
 TRACKERS: tuple[str, ...] = get_args(Tracker)
 LrScheduler = Literal["constant", "linear", "cosine", "constant_with_warmup"]
+
+TrainOn = Literal["all_assistant", "last_assistant"]  # data.train_on: which assistant turns SFT learns
+TRAIN_ON: tuple[str, ...] = get_args(TrainOn)

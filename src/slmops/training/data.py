@@ -20,7 +20,7 @@ from string import Formatter
 from typing import Any, Iterable, Optional
 
 from slmops.core.errors import DataError
-from slmops.core.files import file_sha256
+from slmops.core.files import file_sha256, tree_sha256
 
 MAX_PROBLEMS = 10  # problems listed in one error; the rest are counted
 IGNORE_INDEX = -100
@@ -57,12 +57,19 @@ def find_local(file: str) -> Optional[Path]:
 
 
 def locate(file: Optional[str], dataset: Optional[str], split: str = "train") -> DataSource:
-    """A path as given, else its name under $SLMOPS_DATA_DIR, else the hub dataset."""
+    """A path as given, else its name under $SLMOPS_DATA_DIR, else the hub dataset. A dataset that
+    names a local folder (`save_to_disk`, or parquet files) is read from there, offline."""
     local = find_local(file) if file else None
     if local is not None and local.is_dir():
-        raise DataError(f"data file '{local}' is a folder; name a .jsonl, .json, .csv or .parquet file")
+        raise DataError(
+            f"data file '{local}' is a folder; name a .jsonl, .json, .csv or .parquet file, or set "
+            "data.dataset to read a Hugging Face dataset folder"
+        )
     if local is not None:
         return DataSource(path=str(local.resolve()), sha256=file_sha256(local), split=split)
+    folder = find_local(dataset) if dataset else None
+    if folder is not None and folder.is_dir():
+        return DataSource(path=str(folder.resolve()), sha256=tree_sha256(folder), split=split)
     if dataset and not _hub_offline():
         return DataSource(dataset=dataset, file=file, split=split)
     looked = " and ".join(str(c) for c in _candidates(file)) if file else "no file named"
@@ -103,20 +110,51 @@ def read_rows(source: DataSource) -> list[Row]:
         rows = _read_hub(source)  # `datasets` slices the split itself
     else:
         assert source.path is not None  # locate() gives every source a path or a dataset
-        rows = _read_file(Path(source.path))
-        rows = [rows[i] for i in split_range(source.split, len(rows), source.label)]
+        rows = _split_rows(source)
+        rows = [rows[i] for i in split_range(source.split, len(rows), source.label, named=Path(source.path).is_dir())]
     if not rows:
         raise DataError(f"{source.label}: the data set is empty; give a file with at least one row")
     return rows
 
 
-def split_range(split: str, n: int, label: str = "data") -> range:
-    """The rows of a local file that a split such as train, train[:2000] or train[90%:] names.
+def _split_rows(source: DataSource) -> list[Row]:
+    """Every row of the split a local source's `split` names (before any [slice])."""
+    assert source.path is not None
+    path = Path(source.path)
+    return _read_folder(path, source.split.partition("[")[0]) if path.is_dir() else _read_file(path)
 
-    A local file is the train split. Percent bounds round as `datasets` does by default (closest).
+
+def _read_folder(path: Path, split: str) -> list[Row]:
+    """One split of a Hugging Face dataset folder: `save_to_disk`'s, or parquet files named by split."""
+    import datasets
+
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        loaded = datasets.load_from_disk(str(path))
+        splits = list(loaded) if isinstance(loaded, datasets.DatasetDict) else ["train"]
+        if split not in splits:
+            raise DataError(f"dataset folder {path} has no split '{split}'; it has: {', '.join(splits)}")
+        table = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    elif any(path.rglob("*.parquet")):
+        try:
+            table = datasets.load_dataset("parquet", data_dir=str(path), split=split)
+        except ValueError as exc:  # an unknown split
+            raise DataError(f"dataset folder {path}: {exc}; name one of its splits") from None
+    else:
+        raise DataError(
+            f"dataset folder {path} is neither a `save_to_disk` folder nor parquet files; "
+            "save it with Dataset.save_to_disk or to_parquet"
+        )
+    return list(enumerate(table, start=1))
+
+
+def split_range(split: str, n: int, label: str = "data", named: bool = False) -> range:
+    """The rows that a split such as train, train[:2000] or train[90%:] names, of n.
+
+    A local file is the train split; a dataset folder's split is already chosen by name (`named`).
+    Percent bounds round as `datasets` does by default (closest).
     """
     name, _, bounds = split.partition("[")
-    if name != "train":
+    if name != "train" and not named:
         raise DataError(
             f"{label}: a local file has only the train split, not '{name}'; write train[...] to take a slice of it"
         )
@@ -265,6 +303,9 @@ _ROLES = {
     "system": "system",
     "bot": "assistant",
     "model": "assistant",
+    "tool": "tool",
+    "function": "tool",
+    "ipython": "tool",
 }
 
 
@@ -401,7 +442,7 @@ def _parse_messages(number: int, field: str, messages: Any, problems: Problems) 
         role = msg.get("role", msg.get("from")) if isinstance(msg, dict) else None
         content = msg.get("content", msg.get("value")) if isinstance(msg, dict) else None
         if str(role).lower() not in _ROLES or not isinstance(content, str):
-            problems.add(number, field, "each message needs a role (user/assistant/system) and text content")
+            problems.add(number, field, "each message needs a role (system/user/assistant/tool) and text content")
             return None
         parsed.append({"role": _ROLES[str(role).lower()], "content": content})
     return parsed
@@ -568,30 +609,141 @@ def render_sft(example: dict, tokenizer, use_chat_template: bool = True) -> tupl
     return prompt + sep, example["completion"] + eos
 
 
-def tokenize_sft(examples: Iterable[dict], tokenizer, max_seq_len: int, use_chat_template: bool = True) -> list[dict]:
-    """input_ids / attention_mask / labels per example; labels are IGNORE_INDEX on prompt tokens.
+@dataclass
+class TokenStats:
+    """What tokenising SFT examples did: for `slmops data preview`, and the log of a fine-tune."""
 
-    Too-long examples keep the end of the prompt and the start of the answer: the prompt gives up
-    tokens first, but the answer always keeps at least half of max_seq_len (or all of itself).
+    rows: int = 0
+    tokens: int = 0
+    trained: int = 0
+    truncated_rows: int = 0  # rows cut to max_seq_len
+    dropped_turns: int = 0  # whole earlier exchanges left out to fit
+    last_turn_only: int = 0  # conversations the chat template could not split into turns
+
+
+def tokenize_sft(
+    examples: Iterable[dict],
+    tokenizer,
+    max_seq_len: int,
+    use_chat_template: bool = True,
+    train_on: str = "all_assistant",
+    stats: Optional[TokenStats] = None,
+) -> list[dict]:
+    """input_ids / attention_mask / labels per example; labels are IGNORE_INDEX where nothing is trained.
+
+    With train_on "all_assistant" a conversation trains every assistant turn (its text and the
+    end-of-turn token the template puts after it), never system, user or tool text; with
+    "last_assistant", or without a chat template, only the final answer. See _turns and _last.
     """
+    stats = stats if stats is not None else TokenStats()
     features = []
     for example in examples:
-        prompt, completion = render_sft(example, tokenizer, use_chat_template)
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-        c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        c_keep = min(len(c_ids), max(max_seq_len - len(p_ids), max_seq_len // 2))
-        p_keep = max_seq_len - c_keep
-        p_ids = p_ids[len(p_ids) - p_keep :] if len(p_ids) > p_keep else p_ids
-        c_ids = c_ids[:c_keep]
-        ids = p_ids + c_ids
-        features.append(
-            {
-                "input_ids": ids,
-                "attention_mask": [1] * len(ids),
-                "labels": [IGNORE_INDEX] * len(p_ids) + c_ids,
-            }
-        )
+        feature = None
+        earlier = any(m["role"] == "assistant" for m in example["prompt"] or [])
+        if train_on == "all_assistant" and earlier and use_chat_template and getattr(tokenizer, "chat_template", None):
+            feature = _turns(example, tokenizer, max_seq_len, stats)
+            stats.last_turn_only += feature is None
+        if feature is None:
+            feature = _last(example, tokenizer, max_seq_len, use_chat_template, stats)
+        stats.rows += 1
+        stats.tokens += len(feature["input_ids"])
+        stats.trained += sum(label != IGNORE_INDEX for label in feature["labels"])
+        features.append(feature)
     return features
+
+
+def _last(example: dict, tokenizer, max_seq_len: int, use_chat_template: bool, stats: TokenStats) -> dict:
+    """The final answer trained, everything before it prompt. Too long: the prompt keeps its end and
+    the answer its start; the prompt gives up tokens first, but the answer keeps at least half of
+    max_seq_len (or all of itself)."""
+    prompt, completion = render_sft(example, tokenizer, use_chat_template)
+    answer = completion.rstrip()  # what the template puts after the end-of-turn token is not trained
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    c_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    t_ids = tokenizer(completion[len(answer) :], add_special_tokens=False)["input_ids"] if answer != completion else []
+    stats.truncated_rows += len(p_ids) + len(c_ids) > max_seq_len
+    c_keep = min(len(c_ids), max(max_seq_len - len(p_ids), max_seq_len // 2))
+    p_keep = max_seq_len - c_keep
+    p_ids = p_ids[len(p_ids) - p_keep :] if len(p_ids) > p_keep else p_ids
+    c_ids = c_ids[:c_keep]
+    t_ids = t_ids if len(p_ids) + len(c_ids) + len(t_ids) <= max_seq_len else []
+    return _feature([(p_ids, False), (c_ids, True), (t_ids, False)])
+
+
+def _turns(example: dict, tokenizer, max_seq_len: int, stats: TokenStats) -> Optional[dict]:
+    """Every assistant turn of a conversation trained. Too long: whole exchanges go from the start
+    (the system message stays) until it fits; None if one exchange is still too long, or if the
+    template does not render the conversation as a run of its prefixes."""
+    messages = [*example["prompt"], {"role": "assistant", "content": example["completion"]}]
+    dropped = 0
+    while True:
+        pieces = _turn_pieces(messages, tokenizer)
+        if pieces is None:
+            return None
+        tokenized = [(tokenizer(text, add_special_tokens=False)["input_ids"], trained) for text, trained in pieces]
+        if sum(len(ids) for ids, _ in tokenized) <= max_seq_len:
+            break
+        shorter = _drop_first_exchange(messages)
+        if shorter is None:
+            return None
+        messages, dropped = shorter, dropped + 1
+    if dropped:
+        stats.truncated_rows += 1
+        stats.dropped_turns += dropped
+    return _feature(tokenized)
+
+
+def _turn_pieces(messages: list[dict], tokenizer) -> Optional[list[tuple[str, bool]]]:
+    """The rendered conversation cut into (text, trained) pieces: each assistant turn is what the
+    template adds between the generation prompt before it and the end of that turn, trailing
+    whitespace left out. Found by rendering each prefix, so any template works that renders a
+    conversation as the run of its prefixes (None when one does not)."""
+
+    def render(upto: int, generation: bool) -> str:
+        return tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation)
+
+    full, pieces, done = render(len(messages), False), [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or i == 0:
+            continue
+        before, after = render(i, True), render(i + 1, False).rstrip()
+        if not (full.startswith(before) and full.startswith(after) and done <= len(before) < len(after)):
+            return None
+        pieces += [(full[done : len(before)], False), (full[len(before) : len(after)], True)]
+        done = len(after)
+    pieces.append((full[done:], False))
+    return [(text, trained) for text, trained in pieces if text]
+
+
+def _drop_first_exchange(messages: list[dict]) -> Optional[list[dict]]:
+    """The conversation without its first user turn and everything up to the next one; None if it has one exchange."""
+    head = 1 if messages[0]["role"] == "system" else 0
+    users = [i for i, m in enumerate(messages) if m["role"] == "user" and i >= head]
+    if len(users) < 2:
+        return None
+    return messages[:head] + messages[users[1] :]
+
+
+def truncation_note(stats: TokenStats, max_seq_len: int) -> str:
+    """One line on what tokenising left out, for the log (and `slmops data preview`)."""
+    parts = []
+    if stats.truncated_rows:
+        parts.append(
+            f"{stats.truncated_rows} of {stats.rows} examples were over max_seq_len {max_seq_len}: "
+            f"{stats.dropped_turns} early exchanges were left out whole, the rest cut"
+        )
+    if stats.last_turn_only:
+        parts.append(
+            f"{stats.last_turn_only} conversations train only their last answer (the chat template does not "
+            "render them as a run of their prefixes, or one exchange alone is too long)"
+        )
+    return "; ".join(parts)
+
+
+def _feature(pieces: list[tuple[list[int], bool]]) -> dict:
+    ids = [t for piece, _ in pieces for t in piece]
+    labels = [t if trained else IGNORE_INDEX for piece, trained in pieces for t in piece]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -666,8 +818,11 @@ def check_disjoint(train: DataSource, eval_split: str) -> None:
     """Training and evaluation slices of one local file must not share rows."""
     if not train.path:
         return  # a hub split is sliced by `datasets`; its size is not known before loading
-    n = len(_read_file(Path(train.path)))
-    trained, held = (set(split_range(s, n, train.label)) for s in (train.split, eval_split))
+    if train.split.partition("[")[0] != eval_split.partition("[")[0]:
+        return  # two splits of a dataset folder share no rows
+    n = len(_split_rows(train))
+    named = Path(train.path).is_dir()
+    trained, held = (set(split_range(s, n, train.label, named)) for s in (train.split, eval_split))
     if trained & held:
         raise DataError(
             f"{train.label}: eval_split {eval_split} shares {len(trained & held)} rows with split "

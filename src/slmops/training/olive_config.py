@@ -101,6 +101,7 @@ def _sft_data_config(name: str, part: str, recipe: Recipe, model_path: str, sour
                 "model_name": model_path,
                 "max_seq_len": d.max_seq_len,
                 "chat_template": d.chat_template,
+                "train_on": d.train_on,
                 "trust_remote_code": recipe.model.trust_remote_code,
             },
         },

@@ -40,13 +40,24 @@ def slmops_sft_dataset(
 
 @Registry.register_pre_process(SFT_TOKENIZE)
 def slmops_sft_tokenize(
-    dataset, model_name: str, max_seq_len: int = 512, chat_template: bool = True, trust_remote_code: bool = False
+    dataset,
+    model_name: str,
+    max_seq_len: int = 512,
+    chat_template: bool = True,
+    train_on: str = "all_assistant",
+    trust_remote_code: bool = False,
 ):
-    """input_ids / attention_mask / labels per example, prompt tokens masked out of the loss."""
+    """input_ids / attention_mask / labels per example; only assistant text is trained (see data.tokenize_sft)."""
+    import logging
+
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=trust_remote_code)
-    return data.tokenize_sft(dataset, tokenizer, max_seq_len, chat_template)
+    stats = data.TokenStats()
+    features = data.tokenize_sft(dataset, tokenizer, max_seq_len, chat_template, train_on, stats)
+    if stats.truncated_rows or stats.last_turn_only:
+        logging.getLogger("slmops").warning(data.truncation_note(stats, max_seq_len))
+    return features
 
 
 @Registry.register_dataset(PREFERENCE_LOAD)

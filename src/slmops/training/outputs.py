@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 from slmops.core.errors import RunError
 from slmops.core.files import PARTIAL_PREFIX
@@ -76,6 +77,22 @@ def best_trial_folder(sweep_dir: Path) -> Path:
     if not body.get("best"):
         raise RunError(f"sweep {sweep_dir} has no finished trial to take; finish it with `slmops sweep --resume`")
     return Path(sweep_dir) / body["best"]["folder"]
+
+
+def last_checkpoint(partial: Path) -> Optional[tuple[Path, int]]:
+    """The checkpoint an interrupted fine-tune resumes from, and its step: the newest complete one
+    of the stage that saved last (SFT's before DPO's in a two-stage run)."""
+    found = []
+    for state in partial.glob("work/*/checkpoint-*/trainer_state.json"):
+        try:
+            step = int(json.loads(state.read_text())["global_step"])
+        except (OSError, ValueError, KeyError):
+            continue  # a save the kill cut short: the run resumes from the one before
+        found.append((state.stat().st_mtime, step, state.parent))
+    if not found:
+        return None
+    _, step, folder = max(found)
+    return folder, step
 
 
 def has_checkpoint(partial: Path) -> bool:

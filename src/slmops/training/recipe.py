@@ -21,6 +21,7 @@ from slmops.core.choices import (
     PrecisionChoice,
     Target,
     Tracker,
+    TrainOn,
 )
 from slmops.core.errors import RecipeError
 from slmops.core.models import DEFAULT_MODEL
@@ -148,7 +149,14 @@ class DataSection(DataSourceSection):
         None, description="Build prompt/completion from columns (format: template)."
     )
     chat_template: bool = Field(True, description="Format prompts with the model's chat template if it has one.")
-    max_seq_len: int = Field(512, ge=16, description="Tokens per example; longer examples are truncated.")
+    train_on: TrainOn = Field(
+        "all_assistant",
+        description="Which assistant turns of a conversation are trained: every one (with its end-of-turn "
+        "token), or only the last. System, user and tool text never are.",
+    )
+    max_seq_len: int = Field(
+        512, ge=16, description="Tokens per example; longer conversations lose whole early exchanges first."
+    )
 
     @model_validator(mode="after")
     def _check_template(self):
