@@ -50,6 +50,13 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument(
+        "--prompts",
+        choices=["unique", "repeat"],
+        default="unique",
+        help="unique: every request a new question (only the system prompt is shared); repeat: each client "
+        "asks its own question again and again (the load script's workload before continuous batching).",
+    )
     ap.add_argument("--check", type=int, default=64, help="Replies to ask again alone, for the serial reference.")
     ap.add_argument("--hot-load", default=None, help="NAME=PATH: an adapter to POST halfway through.")
     ap.add_argument("--serve-args", default="", help="Extra `slmops serve` options, e.g. '--max-batch 16'.")
@@ -96,6 +103,7 @@ def main() -> int:
         "clients": args.clients,
         "seconds": round(result["wall"], 1),
         "max_tokens": args.max_tokens,
+        "prompts": args.prompts,
         "models": mix,
         "single_stream_decode_tok_s": single,
         **{k: v for k, v in result.items() if k != "wall"},
@@ -184,7 +192,11 @@ def load(client, port: int, mix: list[str], args, hot_name, hot_path) -> dict:
     def worker(i: int) -> None:
         n = i
         while time.monotonic() < deadline:
-            model, prompt = mix[i % len(mix)], f"{PROMPTS[n % len(PROMPTS)]} (client {i}, question {n})"
+            question = f"(client {i}, question {n})" if args.prompts == "unique" else f"(client {i})"
+            model, prompt = (
+                mix[i % len(mix)],
+                f"{PROMPTS[(n if args.prompts == 'unique' else i) % len(PROMPTS)]} {question}",
+            )
             n += 1
             try:
                 reply = _stream(client, model, prompt, args.max_tokens)

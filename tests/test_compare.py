@@ -166,7 +166,8 @@ def test_eval_loss_matches_a_direct_computation(tmp_path, tiny_model, adapters):
                 [{"role": "user", "content": row["instruction"]}], add_generation_prompt=True, tokenize=False
             )
             p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-            c_ids = tok(row["output"] + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+            # the answer and its end-of-turn token are scored, not the newline the template adds after them
+            c_ids = tok(row["output"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([p_ids + c_ids])).logits[0]
             losses = torch.nn.functional.cross_entropy(

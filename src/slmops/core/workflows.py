@@ -96,6 +96,8 @@ def _registered(module_path: str, precisions: tuple[str, ...] = ("*",)) -> dict:
 SLMOPS_PASSES: dict[str, dict] = {
     "DPO": _registered("slmops.training.passes.dpo.DPO"),
     "SlmopsQLoRA": _registered("slmops.training.passes.qlora.SlmopsQLoRA"),
+    "SlmopsLoRA": _registered("slmops.training.passes.packing.SlmopsLoRA"),
+    "SlmopsPackedQLoRA": _registered("slmops.training.passes.packing.SlmopsPackedQLoRA"),
     # the precisions Olive registers its own ModelBuilder with
     "SlmopsModelBuilder": _registered("slmops.shipping.passes.model_builder.SlmopsModelBuilder", PRECISIONS),
     "GgufBlocks": _registered("slmops.shipping.passes.gguf_blocks.GgufBlocks"),

@@ -740,6 +740,37 @@ def truncation_note(stats: TokenStats, max_seq_len: int) -> str:
     return "; ".join(parts)
 
 
+def pack(features: list[dict], max_seq_len: int) -> list[dict]:
+    """Examples packed into rows of at most max_seq_len tokens, best-fit decreasing (as TRL packs).
+
+    Each example keeps its own position ids (from 0), so the model attends within it only (see
+    slmops.training.passes.packing), and the first token of each is not a target: in a row it
+    would be predicted from the example before it.
+    """
+    bins: list[list[dict]] = []
+    room: list[int] = []
+    for feature in sorted(features, key=lambda f: len(f["input_ids"]), reverse=True):
+        size = len(feature["input_ids"])
+        fits = [i for i, free in enumerate(room) if free >= size]
+        if fits:
+            best = min(fits, key=lambda i: room[i])
+            bins[best].append(feature)
+            room[best] -= size
+        else:
+            bins.append([feature])
+            room.append(max_seq_len - size)
+    rows = []
+    for members in bins:
+        rows.append(
+            {
+                "input_ids": [t for f in members for t in f["input_ids"]],
+                "labels": [t for f in members for t in [IGNORE_INDEX, *f["labels"][1:]]],
+                "position_ids": [p for f in members for p in range(len(f["input_ids"]))],
+            }
+        )
+    return rows
+
+
 def _feature(pieces: list[tuple[list[int], bool]]) -> dict:
     ids = [t for piece, _ in pieces for t in piece]
     labels = [t if trained else IGNORE_INDEX for piece, trained in pieces for t in piece]

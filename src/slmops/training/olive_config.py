@@ -15,6 +15,8 @@ from slmops.training.recipe import Recipe
 SFT_PASS, DPO_PASS = "sft", "dpo"
 # qlora: Olive's QLoRA trains every linear layer whatever target_modules says (slmops.training.passes.qlora)
 _OLIVE_PASS = {"lora": "LoRA", "qlora": "SlmopsQLoRA"}
+# training.packing: the same passes with a collator that keeps packed rows' position ids (slmops.training.passes.packing)
+_PACKED_PASS = {"lora": "SlmopsLoRA", "qlora": "SlmopsPackedQLoRA"}
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ def _sft_data_config(name: str, part: str, recipe: Recipe, model_path: str, sour
                 "max_seq_len": d.max_seq_len,
                 "chat_template": d.chat_template,
                 "train_on": d.train_on,
+                **({"packing": True} if recipe.training.packing else {}),
                 "trust_remote_code": recipe.model.trust_remote_code,
             },
         },
@@ -177,7 +180,7 @@ def _source_dict(source: DataSource) -> dict:
 def _sft_pass(recipe: Recipe, has_eval: bool, work_dir: str) -> dict:
     lora, t = recipe.lora, recipe.training
     config = {
-        "type": _OLIVE_PASS[recipe.method],
+        "type": (_PACKED_PASS if t.packing else _OLIVE_PASS)[recipe.method],
         "r": lora.r,
         "alpha": lora.alpha,
         "lora_dropout": lora.dropout,

@@ -45,6 +45,7 @@ def slmops_sft_tokenize(
     max_seq_len: int = 512,
     chat_template: bool = True,
     train_on: str = "all_assistant",
+    packing: bool = False,
     trust_remote_code: bool = False,
 ):
     """input_ids / attention_mask / labels per example; only assistant text is trained (see data.tokenize_sft)."""
@@ -57,7 +58,7 @@ def slmops_sft_tokenize(
     features = data.tokenize_sft(dataset, tokenizer, max_seq_len, chat_template, train_on, stats)
     if stats.truncated_rows or stats.last_turn_only:
         logging.getLogger("slmops").warning(data.truncation_note(stats, max_seq_len))
-    return features
+    return data.pack(features, max_seq_len) if packing else features
 
 
 @Registry.register_dataset(PREFERENCE_LOAD)

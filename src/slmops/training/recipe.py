@@ -220,6 +220,11 @@ class TrainingSection(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps is -1.")
     batch_size: int = Field(2, ge=1, le=4096, description="Examples per device per step.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    packing: bool = Field(
+        False,
+        description="SFT: pack examples into rows of data.max_seq_len (best fit), each attending only to "
+        "itself; batch_size then counts rows.",
+    )
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate (AdamW).")
     lr_scheduler: LrScheduler = "constant"
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
