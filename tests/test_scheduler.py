@@ -197,3 +197,71 @@ def test_prefix_cache_blocks_chain_evict_and_forget():
     assert len(prefix.blocks) == 3 and len(prefix.lookup(prompt, 1)) == 0  # its first block was evicted
     prefix.forget(1)
     assert not prefix.blocks
+
+
+def test_a_stopped_scheduler_refuses_new_requests(runtime):
+    from slmops.shipping.scheduler import ShuttingDown
+
+    scheduler = Scheduler(runtime, slots=2)
+    scheduler.start()
+    scheduler.stop()
+    with pytest.raises(ShuttingDown, match="shutting down; retry on another instance"):
+        scheduler.submit([1, 2, 3], None, Sampling(), (), lambda event: None)
+
+
+def test_bad_requests_and_adapters_are_refused_one_by_one(scheduler):
+    from slmops.shipping.batching import AdapterClash
+    from slmops.shipping.scheduler import UnknownAdapter
+
+    with pytest.raises(BundleError, match="the prompt is empty"):
+        scheduler.submit([], None, Sampling(), (), lambda event: None)
+    with pytest.raises(UnknownAdapter, match="'nope' is not loaded"):
+        scheduler.remove_adapter("nope")
+    stack = scheduler.model.stack
+    tensors = dict(stack.adapters["qv"])
+    with pytest.raises(AdapterClash, match="'qv' is already loaded"):
+        scheduler.add_adapter("qv", tensors)
+    key = next(iter(tensors))
+    broken = {**tensors, key: np.full_like(tensors[key], np.inf)}
+    with pytest.raises(BundleError, match="holds NaN or infinite values"):
+        scheduler.add_adapter("broken", broken)
+    assert sorted(scheduler.adapters) == ["all", "qv"]
+    assert run(scheduler, [("the sea", "qv")])[0].tokens  # and the loop still serves
+
+
+def test_a_failed_prefill_fails_only_its_own_requests(scheduler, monkeypatch):
+    events = {"long": [], "bad": []}
+    started = threading.Event()
+
+    def sink(name):
+        def emit(event):
+            events[name].append(event.kind)
+            started.set()
+
+        return emit
+
+    run_model = scheduler.model.run
+    broken = threading.Event()
+
+    def model_run(start, tokens, *args, **kwargs):  # slow steps, so the long request is still running
+        time.sleep(0.005)
+        if broken.is_set() and tokens.shape[1] > 1:
+            raise RuntimeError("boom")
+        return run_model(start, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(scheduler.model, "run", model_run)
+    room = scheduler.max_len - 8
+    scheduler.submit(scheduler.runtime.encode("the sea"), "qv", Sampling(max_new_tokens=room), (), sink("long"))
+    assert started.wait(60)
+    broken.set()
+    scheduler.submit(scheduler.runtime.encode("x y z"), None, Sampling(max_new_tokens=4), (), sink("bad"))
+    deadline = time.monotonic() + 30
+    while "error" not in events["bad"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert "done" not in events["long"]  # it was running when the other prefill failed
+    broken.clear()
+    while "done" not in events["long"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert "error" not in events["long"]

@@ -147,6 +147,10 @@ def add_last_position(graph) -> bool:
     return True
 
 
+class AdapterClash(BundleError):
+    pass
+
+
 class LoraStack:
     """The loaded adapters as one set of graph inputs, and which rank columns belong to which.
 
@@ -179,6 +183,8 @@ class LoraStack:
         for key, value in tensors.items():
             rows, cols = self.inputs[key]
             got = value.shape
+            if not np.isfinite(value).all():  # the mask multiplies by 0, and 0 x inf would poison every row
+                raise BundleError(f"adapter '{name}': {key} holds NaN or infinite values")
             if value.ndim != 2 or (rows and got[0] != rows) or (cols and got[1] != cols):
                 raise BundleError(
                     f"adapter '{name}': {key} is {list(got)}, the graph takes "
@@ -194,6 +200,8 @@ class LoraStack:
         return self.width - sum(end - start for start, end in self.offsets.values())
 
     def add(self, name: str, tensors: dict[str, np.ndarray]) -> None:
+        if name in self.adapters:
+            raise AdapterClash(f"adapter '{name}' is already loaded; DELETE it first")
         self.check(name, tensors)
         need = self.columns(tensors)
         start = self._gap(need)

@@ -1,7 +1,7 @@
 """KV of prompt prefixes, kept in blocks: a prompt that starts like an earlier one (a chat template's
 system prompt, a conversation's earlier turns) is prefilled from where its cached blocks end.
 
-Blocks are BLOCK tokens, chained by hash (each block's key covers every token before it) per
+Blocks are BLOCK tokens, chained by blake2b (each block's key covers every token before it) per
 adapter, since LoRA on k/v changes the cache. Reusing them does not change an answer: ONNX
 Runtime gives bit-identical logits whether a prompt is prefilled whole or in two chunks (measured:
 SmolLM2 int4, with and without an adapter). The last two prompt tokens are always computed, so no
@@ -21,7 +21,7 @@ BLOCK = 8  # tokens
 @dataclass
 class Block:
     adapter: int
-    parent: int  # the key of the block before it (or of the adapter, for the first)
+    parent: bytes  # the key of the block before it (or of the adapter, for the first)
     tokens: tuple[int, ...]
     kv: list[np.ndarray]  # one [kv_heads, BLOCK, head_size] slice per cache buffer
 
@@ -29,15 +29,19 @@ class Block:
 class PrefixCache:
     def __init__(self, max_bytes: int, block_bytes: int):
         self.max_blocks = max_bytes // max(block_bytes, 1)
-        self.blocks: OrderedDict[int, Block] = OrderedDict()
+        self.blocks: OrderedDict[bytes, Block] = OrderedDict()
         self.hits = self.misses = 0  # prompt tokens taken from the cache, and computed
 
-    def _chain(self, tokens: list[int], adapter: int) -> list[tuple[int, int, tuple[int, ...]]]:
-        """(key, parent key, block tokens) for every full block of `tokens`."""
-        out, parent = [], hash(("adapter", adapter))
+    def _chain(self, tokens: list[int], adapter: int) -> list[tuple[bytes, bytes, tuple[int, ...]]]:
+        """(key, parent key, block tokens) for every full block of `tokens`. Keys are blake2b digests
+        chained over the blocks: Python's hash() of ints can be made to collide on purpose, and a
+        collision would serve one prompt's cache to another."""
+        import hashlib
+
+        out, parent = [], hashlib.blake2b(f"adapter {adapter}".encode(), digest_size=16).digest()
         for start in range(0, len(tokens) - BLOCK + 1, BLOCK):
             block = tuple(tokens[start : start + BLOCK])
-            key = hash((parent, block))
+            key = hashlib.blake2b(parent + np.asarray(block, dtype=np.int64).tobytes(), digest_size=16).digest()
             out.append((key, parent, block))
             parent = key
         return out

@@ -36,6 +36,14 @@ class AdapterInUse(BundleError):
     pass
 
 
+class ShuttingDown(BundleError):
+    pass
+
+
+class UnknownAdapter(BundleError):
+    pass
+
+
 @dataclass
 class Event:
     kind: str  # "token", "done", "error", or "refused" (a bad request found late)
@@ -115,6 +123,8 @@ class Scheduler:
         self, tokens: list[int], adapter: Optional[str], sampling: Sampling, stop: tuple[str, ...], emit
     ) -> Sequence:
         sampling.check()
+        if not tokens:
+            raise BundleError("the prompt is empty; send some text")
         room = self.max_len - len(tokens)
         if room < 1:
             raise BundleError(
@@ -127,7 +137,7 @@ class Scheduler:
             seq.rng = np.random.default_rng(sampling.seed)
         with self._cond:
             if self._stopping:
-                raise BundleError("the server is shutting down; retry on another instance")
+                raise ShuttingDown("the server is shutting down; retry on another instance")
             if adapter is not None and adapter not in self.model.stack.adapters:  # under the lock: see remove_adapter
                 raise BundleError(f"unknown adapter '{adapter}'; loaded: {', '.join(self.adapters) or 'none'}")
             self._waiting.append(seq)
@@ -149,6 +159,8 @@ class Scheduler:
 
         def remove() -> None:
             with self._cond:  # no request for it can be submitted meanwhile
+                if name not in self.model.stack.adapters:
+                    raise UnknownAdapter(f"adapter '{name}' is not loaded")
                 if any(s.adapter == name for s in itertools.chain(self._waiting, self._active)):
                     raise AdapterInUse(f"adapter '{name}' has requests running; retry when they finish")
                 self.prefix.forget(self.model.stack.ids[name])
@@ -198,23 +210,47 @@ class Scheduler:
                 if self._stopping and not (self._waiting or self._active or self._changes):
                     return
                 changes, self._changes = self._changes, []
-                admit = self._take_waiting()
-            for change in changes:
+            for change in changes:  # before admitting: a removed adapter's requests are refused at submit
                 change()
+            with self._cond:
+                admit = self._take_waiting()
             try:
-                for group in self._groups(admit):
-                    self._prefill(group)
-                if self._active:
-                    self._decode()
-            except Exception as exc:  # a failed step fails the requests in it, not the server
-                log.exception("generation step failed")
-                for seq in [*self._active, *admit]:
-                    if seq.finish is None:
-                        seq.finish = "error"
-                        seq.emit(Event("error", f"generation failed: {type(exc).__name__}: {exc}"))
-            self._retire()
-            self.observe("batch_size", len(self._active))
-            self.observe("queue_depth", len(self._waiting))
+                self._turn(admit)
+            except Exception as exc:  # a bug here must not end the loop: every request would hang
+                log.exception("scheduler turn failed")
+                self._fail([*self._active, *admit], exc)
+                self._active = []
+
+    def _turn(self, admit: list[Sequence]) -> None:
+        """Prefill the admitted requests, run one decode step, retire finished rows. A failed run
+        fails the requests in it, not the server."""
+        try:
+            for group in self._groups(admit):
+                self._prefill(group)
+        except Exception as exc:
+            log.exception("prefill failed")
+            self._fail(admit, exc)
+        try:
+            if any(seq.finish is None for seq in self._active):
+                self._decode()
+        except Exception as exc:
+            log.exception("decode step failed")
+            self._fail(self._active, exc)
+        self._retire()
+        self.observe("batch_size", len(self._active))
+        self.observe("queue_depth", len(self._waiting))
+
+    def _fail(self, seqs: list[Sequence], exc: Exception) -> None:
+        for seq in seqs:
+            if seq.finish is None:
+                seq.finish = "error"
+                self._send(seq, Event("error", f"generation failed: {type(exc).__name__}: {exc}"))
+
+    def _send(self, seq: Sequence, event: Event) -> None:
+        try:
+            seq.emit(event)
+        except Exception:  # the caller's side is gone (a closed event loop): nothing to tell
+            log.warning("could not deliver an event", exc_info=True)
 
     def _take_waiting(self) -> list[Sequence]:
         """Waiting requests to prefill this turn: while rows are free and the prompt-token budget lasts."""
@@ -274,6 +310,9 @@ class Scheduler:
         for seq, row in zip(group, logits):
             seq.length = len(seq.tokens)
             self._active.append(seq)
+            if seq.cancelled:  # while it was prefilled: its row goes at the end of this turn
+                seq.finish = "cancelled"
+                continue
             self._accept(seq, row)
 
     def _decode(self) -> None:
@@ -313,7 +352,7 @@ class Scheduler:
             self.observe("generated", 1)
         seq.last = token
         if piece:
-            seq.emit(Event("token", piece))
+            self._send(seq, Event("token", piece))
         if seq.text.finish:
             self._finish(seq, "stop")
         elif len(seq.text.tokens) >= seq.limit:
@@ -322,7 +361,8 @@ class Scheduler:
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish = reason
         text = seq.text
-        seq.emit(
+        self._send(
+            seq,
             Event(
                 "done",
                 completion=Completion(
@@ -334,7 +374,7 @@ class Scheduler:
                     (seq.first or 0.0) - seq.submitted,
                     list(text.tokens),
                 ),
-            )
+            ),
         )
 
     def _retire(self) -> None:

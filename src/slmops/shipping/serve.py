@@ -16,7 +16,7 @@ import re
 import threading
 import time
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Optional, Union
@@ -25,9 +25,10 @@ from fastapi import Request  # at module level: FastAPI reads the handlers' anno
 from pydantic import BaseModel, ConfigDict, Field
 
 from slmops.core.errors import SlmopsError
+from slmops.shipping.batching import AdapterClash
 from slmops.shipping.metrics import Metrics
 from slmops.shipping.runtime import Completion, Runtime, Sampling
-from slmops.shipping.scheduler import AdapterInUse, Event, Scheduler
+from slmops.shipping.scheduler import AdapterInUse, Event, Scheduler, ShuttingDown, UnknownAdapter
 
 BASE = "base"
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -286,6 +287,8 @@ def create_app(bundle: Path, options: ServeOptions = ServeOptions()):
         try:
             tensors, digest = await asyncio.to_thread(_read_adapter, runtime, body.name, path)
             await asyncio.to_thread(scheduler.add_adapter, body.name, tensors)
+        except AdapterClash as exc:  # another POST of the same name won the race
+            raise ApiError(409, str(exc), code="adapter_exists") from None
         except SlmopsError as exc:
             raise ApiError(400, str(exc), param="path") from None
         sources[body.name] = digest
@@ -306,6 +309,8 @@ def create_app(bundle: Path, options: ServeOptions = ServeOptions()):
             await asyncio.to_thread(scheduler.remove_adapter, name)
         except AdapterInUse as exc:
             raise ApiError(409, str(exc), code="in_use") from None
+        except UnknownAdapter as exc:  # another DELETE got there first
+            raise ApiError(404, str(exc), code="model_not_found") from None
         sources.pop(name, None)
         return {"id": name, "object": "model", "deleted": True}
 
@@ -341,6 +346,9 @@ def create_app(bundle: Path, options: ServeOptions = ServeOptions()):
         except ApiError as exc:
             status = str(exc.status)
             raise
+        except ShuttingDown as exc:
+            status = "503"
+            raise ApiError(503, str(exc), "server_error", "shutting_down") from None
         except SlmopsError as exc:
             status = "400"
             raise ApiError(400, str(exc)) from None
@@ -354,6 +362,8 @@ def create_app(bundle: Path, options: ServeOptions = ServeOptions()):
             done, _ = await asyncio.wait({rest}, timeout=0.25)
             if not done and await request.is_disconnected():
                 rest.cancel()
+                with suppress(asyncio.CancelledError):
+                    await rest  # let go of the generator before closing it (which frees the row)
                 await events.aclose()
                 raise ApiError(499, "client closed the request")
         event = rest.result()
