@@ -120,6 +120,16 @@ def _shapes(name: str, weights: Path) -> dict:
     return shapes
 
 
+def lora_inputs(graph) -> dict[str, tuple[int, int]]:
+    """Every LoRA input of an ONNX graph -> its fixed size: (in, 0) for lora_A [in, r], (0, out) for lora_B [r, out]."""
+    inputs = {}
+    for value in graph.input:
+        if ".lora_A." in value.name or ".lora_B." in value.name:
+            rows, cols = (d.dim_value for d in value.type.tensor_type.shape.dim)  # r is symbolic: dim_value 0
+            inputs[value.name] = (rows, 0) if ".lora_A." in value.name else (0, cols)
+    return inputs
+
+
 def graph_input(layer: int, module: str, ab: str) -> str:
     block, proj = MODULES[module]
     return f"model.layers.{layer}.{block}.{proj}.lora_{ab}.MatMul.weight"

@@ -57,12 +57,9 @@ def add_lora_mask(graph) -> dict[str, tuple[int, int]]:
     Returns the graph's LoRA inputs as name -> (rows, cols), 0 where the rank goes."""
     from onnx import TensorProto, helper
 
-    inputs = {value.name: value for value in graph.input}
-    lora = {}
-    for name, value in inputs.items():
-        if ".lora_A." in name or ".lora_B." in name:
-            rows, cols = (d.dim_value for d in value.type.tensor_type.shape.dim)
-            lora[name] = (rows, 0) if ".lora_A." in name else (0, cols)
+    from slmops.shipping.adapters import lora_inputs
+
+    lora = lora_inputs(graph)
     if not lora:
         return lora
     nodes = list(graph.node)

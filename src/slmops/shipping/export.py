@@ -569,13 +569,7 @@ def graph_lora_inputs(model_file: Path) -> dict[str, tuple[int, int]]:
     """Every LoRA input of the graph -> its fixed size: (in, 0) for lora_A [in, r], (0, out) for lora_B [r, out]."""
     import onnx
 
-    graph = onnx.load(str(model_file), load_external_data=False).graph
-    inputs = {}
-    for value in graph.input:
-        if ".lora_" in value.name:
-            rows, cols = (d.dim_value for d in value.type.tensor_type.shape.dim)  # r is symbolic: dim_value 0
-            inputs[value.name] = (rows, 0) if ".lora_A." in value.name else (0, cols)
-    return inputs
+    return lora.lora_inputs(onnx.load(str(model_file), load_external_data=False).graph)
 
 
 def write_onnx_adapter(

@@ -151,11 +151,8 @@ class PerRequest:
 
         threading.Thread(target=produce, daemon=True).start()
         try:
-            while True:
-                event = await queue.get()
+            async for event in _until_done(queue):
                 yield event
-                if event.kind != "token":
-                    return
         finally:
             cancelled.set()
 
@@ -193,14 +190,20 @@ class Batched:
             lambda event: loop.call_soon_threadsafe(queue.put_nowait, event),
         )
         try:
-            while True:
-                event = await queue.get()
+            async for event in _until_done(queue):
                 yield event
-                if event.kind != "token":
-                    return
         finally:
             if seq.finish is None:  # the client went away (or the server stops): free its row
                 self.scheduler.cancel(seq)
+
+
+async def _until_done(queue: asyncio.Queue) -> AsyncIterator[Event]:
+    """A request's events from its queue, up to the one that ends it."""
+    while True:
+        event = await queue.get()
+        yield event
+        if event.kind != "token":
+            return
 
 
 def create_app(bundle: Path, options: ServeOptions = ServeOptions()):

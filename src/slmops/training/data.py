@@ -832,6 +832,25 @@ def load_splits(
     return examples, held
 
 
+def load_section(section, kind: str, seed: int) -> tuple[DataSource, Optional[DataSource], list[dict], list[dict]]:
+    """A recipe data section read as a run reads it: (source, eval source, train examples, held-out examples)."""
+    source, eval_source = locate_section(section)
+    template = getattr(section, "template", None)  # SFT sections only
+    train, held = load_splits(
+        source,
+        kind,
+        getattr(section, "format", "auto"),
+        eval_source=eval_source,
+        eval_split=section.eval_split,
+        max_samples=section.max_samples,
+        drop_duplicates=section.dedupe,
+        seed=seed,
+        template=template.model_dump() if template else None,
+        columns=section.columns,
+    )
+    return source, eval_source, train, held
+
+
 def rename_columns(rows: list[Row], columns: dict[str, str]) -> list[Row]:
     if not columns:
         return rows

@@ -76,37 +76,13 @@ def plan(recipe: Recipe) -> Plan:
     check_bitsandbytes(recipe)
     sources, counts = Sources(), {}
     if recipe.data:
-        d = recipe.data
-        sft, sft_eval = data_mod.locate_section(d)
+        sft, sft_eval, train, held = data_mod.load_section(recipe.data, "sft", recipe.training.seed)
         sources = replace(sources, sft=sft, sft_eval=sft_eval)
-        train, held = data_mod.load_splits(
-            sft,
-            "sft",
-            d.format,
-            eval_source=sources.sft_eval,
-            eval_split=d.eval_split,
-            max_samples=d.max_samples,
-            drop_duplicates=d.dedupe,
-            seed=recipe.training.seed,
-            template=d.template.model_dump() if d.template else None,
-            columns=d.columns,
-        )
         counts["sft"] = (len(train), len(held))
     if recipe.dpo:
-        p = recipe.dpo.data
-        dpo, dpo_eval = data_mod.locate_section(p)
+        dpo, dpo_eval, train, held = data_mod.load_section(recipe.dpo.data, "preference", recipe.training.seed)
         sources = replace(sources, dpo=dpo, dpo_eval=dpo_eval)
-        train, held = data_mod.load_splits(
-            dpo,
-            "preference",
-            eval_source=sources.dpo_eval,
-            eval_split=p.eval_split,
-            max_samples=p.max_samples,
-            drop_duplicates=p.dedupe,
-            seed=recipe.training.seed,
-            columns=p.columns,
-        )
-        counts["dpo"] = (len(train), len(held[: p.eval_max_samples]))
+        counts["dpo"] = (len(train), len(held[: recipe.dpo.data.eval_max_samples]))
     model = resolve_model(recipe.model.name)
     return Plan(recipe, model, sources, counts)
 

@@ -66,27 +66,10 @@ def preview(recipe: Recipe, rows: int = 3) -> Preview:
     return out
 
 
-def _examples(section, kind: str, seed: int) -> list[dict]:
-    source, eval_source = data_mod.locate_section(section)
-    train, _ = data_mod.load_splits(
-        source,
-        kind,
-        getattr(section, "format", "auto"),
-        eval_source=eval_source,
-        eval_split=section.eval_split,
-        max_samples=section.max_samples,
-        drop_duplicates=section.dedupe,
-        seed=seed,
-        template=section.template.model_dump(mode="json") if getattr(section, "template", None) else None,
-        columns=dict(section.columns) if section.columns else None,
-    )
-    return train
-
-
 def _sft(recipe: Recipe, tokenizer, rows: int, out: Preview) -> None:
     section = recipe.data
     assert section is not None
-    examples = _examples(section, "sft", recipe.training.seed)
+    examples = data_mod.load_section(section, "sft", recipe.training.seed)[2]
     stats = data_mod.TokenStats()
     features = data_mod.tokenize_sft(
         examples, tokenizer, section.max_seq_len, section.chat_template, section.train_on, stats
@@ -112,7 +95,7 @@ def _sft(recipe: Recipe, tokenizer, rows: int, out: Preview) -> None:
 def _preference(recipe: Recipe, tokenizer, rows: int, out: Preview) -> None:
     dpo = recipe.dpo
     assert dpo is not None
-    examples = _examples(dpo.data, "preference", recipe.training.seed)
+    examples = data_mod.load_section(dpo.data, "preference", recipe.training.seed)[2]
     lengths, tokens, trained, truncated = [], 0, 0, 0
     shown: list[PreviewRow] = []
     for number, pair in enumerate(examples):
