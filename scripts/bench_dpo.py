@@ -2,11 +2,14 @@
 """DPO training throughput: `slmops finetune` against a plain TRL DPOTrainer script.
 
 Both train the same model (SmolLM2-135M-Instruct by default) with the same LoRA (r=16 on
-q/k/v/o), batch size, max length and steps on the hh-rlhf pairs. Each runs in its own process;
-the report gives trained tokens/s and s/step (TRL's own train_runtime and token count), the
-whole command's wall time, peak RSS, and the ratio slmops / plain TRL.
+q/k/v/o), batch size, max length and steps on the hh-rlhf pairs. slmops runs twice, as shipped
+and with `dpo.share_prompt` off, so the table shows what prefix sharing adds. Each run is its own
+process, and `--rounds N` interleaves the variants N times. The report gives trained tokens/s
+and s/step (TRL's own train_runtime and token count: prompt + answer for both sides of a pair,
+whether or not the prompt was computed once), the final train loss, wall time, peak RSS, and
+the median ratios to plain TRL.
 
-    SLMOPS_DATA_DIR=../shared/data python scripts/bench_dpo.py --steps 16
+    SLMOPS_DATA_DIR=../shared/data python scripts/bench_dpo.py --steps 16 --rounds 2
     python scripts/bench_dpo.py --steps 16 --baseline-bf16     # also give the baseline bf16 autocast
 """
 
@@ -16,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,8 +40,8 @@ def timed(cmd: list[str]) -> tuple[str, float, float]:
     return out, time.monotonic() - start, usage.ru_maxrss / 1024
 
 
-def run_slmops(args, work: Path) -> dict:
-    out_dir = work / "slmops"
+def run_slmops(args, work: Path, share_prompt: bool = True) -> dict:
+    out_dir = work / "out"
     cmd = [
         sys.executable,
         "-m",
@@ -56,14 +60,17 @@ def run_slmops(args, work: Path) -> dict:
         f"dpo.max_length={args.max_length}",
         "--set",
         "dpo.data.eval_split=null",
+        "--set",
+        f"dpo.share_prompt={str(share_prompt).lower()}",
     ]
     stdout, wall, rss = timed(cmd)
     stage = json.loads(stdout)["stages"]["dpo"]
     return {
-        "variant": "slmops finetune (Olive DPO pass)",
+        "variant": "slmops finetune" + ("" if share_prompt else " (share_prompt off)"),
         "steps": stage["steps"],
         "train_seconds": stage["train_seconds"],
         "tokens": stage["tokens"],
+        "final_loss": stage["final_loss"],
         "wall_seconds": wall,
         "peak_rss_mib": rss,
     }
@@ -84,7 +91,7 @@ def run_plain(args, work: Path, model_path: Path, data: Path) -> dict:
         "--max-length",
         str(args.max_length),
         "--output-dir",
-        str(work / "plain"),
+        str(work),
     ]
     if args.baseline_bf16:
         cmd.append("--bf16")
@@ -96,18 +103,20 @@ def run_plain(args, work: Path, model_path: Path, data: Path) -> dict:
         "steps": result["steps"],
         "train_seconds": result["train_runtime"],
         "tokens": result["num_tokens"],
+        "final_loss": result["final_loss"],
         "wall_seconds": wall,
         "peak_rss_mib": rss,
     }
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'variant':<36} {'steps':>5} {'s/step':>7} {'tokens/s':>9} {'wall s':>7} {'peak RSS MiB':>12}"
+    head = f"{'variant':<36} {'steps':>5} {'s/step':>7} {'tokens/s':>9} {'final loss':>10} {'wall s':>7} {'peak RSS MiB':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['variant']:<36} {r['steps']:>5} {r['train_seconds'] / r['steps']:>7.2f} "
-            f"{r['tokens'] / r['train_seconds']:>9.1f} {r['wall_seconds']:>7.1f} {r['peak_rss_mib']:>12.0f}"
+            f"{r['tokens'] / r['train_seconds']:>9.1f} {r['final_loss']:>10.4f} {r['wall_seconds']:>7.1f} "
+            f"{r['peak_rss_mib']:>12.0f}"
         )
     return "\n".join(lines)
 
@@ -118,6 +127,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=192)
     ap.add_argument("--baseline-bf16", action="store_true", help="give the plain TRL script bf16 autocast too")
+    ap.add_argument("--rounds", type=int, default=1, help="run every variant this many times, interleaved")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
 
@@ -128,20 +138,28 @@ def main() -> int:
     go_offline()
     model_path = resolve_model("smollm2-135m-instruct").path
     data = Path(locate("hh_rlhf_harmless_1k.jsonl", None).path)
-    rows = []
+    variants = {
+        "slmops": lambda tmp: run_slmops(args, tmp),
+        "slmops-unshared": lambda tmp: run_slmops(args, tmp, share_prompt=False),
+        "plain": lambda tmp: run_plain(args, tmp, model_path, data),
+    }
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
-        for run in (lambda: run_slmops(args, Path(tmp)), lambda: run_plain(args, Path(tmp), model_path, data)):
-            rows.append(run())
-            print(json.dumps(rows[-1]), flush=True)
-    ours, plain = (r["tokens"] / r["train_seconds"] for r in rows)
+        for round_ in range(args.rounds):  # interleaved, so drift hits every variant alike
+            for name, run in variants.items():
+                rows.append(run(Path(tmp) / f"{name}-{round_}") | {"key": name, "round": round_})
+                print(json.dumps(rows[-1]), flush=True)
+    speed = {
+        name: statistics.median(r["tokens"] / r["train_seconds"] for r in rows if r["key"] == name) for name in variants
+    }
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"{args.steps} steps, batch {args.batch_size}, max_length {args.max_length}"
+        f"{args.steps} steps, batch {args.batch_size}, max_length {args.max_length}, {args.rounds} round(s)"
     )
     print(table(rows))
     print(
-        f"ratio slmops / plain TRL: {ours / plain:.2f}x trained tokens/s, "
-        f"{(rows[1]['train_seconds'] / rows[1]['steps']) / (rows[0]['train_seconds'] / rows[0]['steps']):.2f}x steps/s"
+        f"median trained tokens/s, slmops / plain TRL: {speed['slmops'] / speed['plain']:.2f}x; "
+        f"with share_prompt off: {speed['slmops-unshared'] / speed['plain']:.2f}x"
     )
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2) + "\n")

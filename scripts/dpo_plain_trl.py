@@ -62,12 +62,15 @@ def main() -> None:
     )
     result = trainer.train()
     tokens = [e["num_tokens"] for e in trainer.state.log_history if "num_tokens" in e]
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    window = max(1, min(5, len(losses) // 4))  # as slmops' summary averages its last steps
     print(
         json.dumps(
             {
                 "train_runtime": result.metrics["train_runtime"],
                 "num_tokens": tokens[-1] if tokens else None,
                 "steps": trainer.state.global_step,
+                "final_loss": sum(losses[-window:]) / window,
             }
         )
     )

@@ -157,6 +157,7 @@ def _dpo_pass(recipe: Recipe, has_eval: bool, work_dir: str) -> dict:
         "torch_dtype": dpo.dtype,
         "quantization": "4bit" if recipe.method == "qlora" else "8bit" if recipe.model.load_in_8bit else None,
         "precompute_ref_log_probs": dpo.precompute_ref_log_probs,
+        "share_prompt": dpo.share_prompt,
         "gradient_checkpointing": dpo.gradient_checkpointing,
         "optim": dpo.optimizer,
         "logging_steps": recipe.training.logging_steps,

@@ -194,6 +194,10 @@ class DpoSection(Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     dtype: Dtype = Field("bfloat16", description="Autocast dtype over fp32 weights (float32 = no autocast).")
     precompute_ref_log_probs: bool = Field(False, description="Compute reference log-probs once, before training.")
+    share_prompt: bool = Field(
+        True,
+        description="Run each pair's common prefix (its prompt) once: the same loss, fewer tokens through the model.",
+    )
     gradient_checkpointing: bool = False
     optimizer: Optimizer = Field("adamw_torch", description="Optimizer (paged / 8-bit ones need bitsandbytes).")
     save_steps: Optional[int] = Field(None, ge=1, description="Checkpoint every N steps (default: at the end).")

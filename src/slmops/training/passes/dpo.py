@@ -78,6 +78,11 @@ class DPO(Pass):
             "precompute_ref_log_probs": p(
                 type_=bool, default_value=False, description="Compute reference log-probs once before training."
             ),
+            "share_prompt": p(
+                type_=bool,
+                default_value=True,
+                description="Run each pair's common prefix once (exact; off for models that cannot).",
+            ),
             "gradient_checkpointing": p(type_=bool, default_value=False, description="Trade compute for memory."),
             "logging_steps": p(type_=int, default_value=1, description="Log every N steps."),
             "save_steps": p(type_=int, default_value=None, description="Checkpoint every N steps (default: at end)."),
@@ -95,7 +100,8 @@ class DPO(Pass):
         self, model: HfModelHandler, config: type[BasePassConfig], output_model_path: str
     ) -> HfModelHandler:
         from peft import PeftModel
-        from trl import DPOTrainer
+
+        from slmops.training.passes.shared_prompt import SharedPromptDPOTrainer
 
         tokenizer = model.get_hf_tokenizer()
         if tokenizer.pad_token is None:
@@ -112,8 +118,9 @@ class DPO(Pass):
         held = self._pairs(config.eval_data_config, tokenizer, config.max_length) if config.eval_data_config else None
         with tempfile.TemporaryDirectory(prefix="slmops-dpo-") as tmp:
             args = self._dpo_config(config, config.output_dir or tmp, has_eval=held is not None)
-            trainer = DPOTrainer(
-                model=policy,
+            trainer = SharedPromptDPOTrainer(
+                policy,
+                share_prompt=config.share_prompt,
                 args=args,
                 train_dataset=train,
                 eval_dataset=held,
