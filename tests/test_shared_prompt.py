@@ -71,7 +71,7 @@ def token_logps(model, ids, mask) -> torch.Tensor:
 def test_shared_layout_gives_the_same_log_probs_and_gradients(impl, extra_padding):
     ids, mask = pair_batch(extra_padding)
     plain_model, shared_model = tiny_llama(impl), tiny_llama(impl)
-    sharing = PromptSharing(backbone_of(shared_model), {"sdpa": "bool", "eager": "additive"}[impl])
+    sharing = PromptSharing(backbone_of(shared_model), impl)
 
     plain = token_logps(plain_model, ids, mask)
     with sharing.on():
@@ -94,7 +94,7 @@ def test_shared_layout_under_bf16_autocast(impl):
     """As the recipes train: bf16 rounds the two layouts differently, but only within its tolerance."""
     ids, mask = pair_batch()
     model = tiny_llama(impl)
-    sharing = PromptSharing(backbone_of(model), {"sdpa": "bool", "eager": "additive"}[impl])
+    sharing = PromptSharing(backbone_of(model), impl)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         plain = token_logps(model, ids, mask)
         with sharing.on():
@@ -132,7 +132,7 @@ def test_layout_computes_each_common_prefix_once(pairs):
 def test_what_is_not_a_pair_batch_is_left_alone(ids, mask):
     assert pair_layout(ids, mask) is None
     model = tiny_llama("sdpa")
-    sharing = PromptSharing(backbone_of(model), "bool")
+    sharing = PromptSharing(backbone_of(model), "sdpa")
     with sharing.on():
         model(input_ids=ids, attention_mask=mask)
     assert (sharing.shared, sharing.unshared) == (0, 1)

@@ -27,8 +27,8 @@ from trl import DPOTrainer
 
 logger = logging.getLogger(__name__)
 
-# Attention implementations that take a custom 4D mask as-is, and the mask each wants.
-_MASKS = {"sdpa": "bool", "eager": "additive"}
+# Attention implementations that take a custom 4D mask as-is: SDPA a boolean one, eager an additive one.
+_MASKS = ("sdpa", "eager")
 _PLAIN_KWARGS = ("use_cache", "return_dict")
 
 
@@ -116,9 +116,9 @@ def shareable(model: Any, max_length: int | None) -> str | None:
 class PromptSharing:
     """Wraps a backbone's forward so that, while on, [chosen; rejected] batches run shared."""
 
-    def __init__(self, backbone: torch.nn.Module, mask: str):
+    def __init__(self, backbone: torch.nn.Module, attn_implementation: str):
         self.original = backbone.forward
-        self.mask = mask
+        self.additive = attn_implementation == "eager"
         self.active = False
         self.shared = self.unshared = 0  # batches run while on, each way
         backbone.forward = self._forward  # the instance only; TRL's fused LM head calls the backbone
@@ -157,7 +157,7 @@ class PromptSharing:
         return out
 
     def _mask(self, keep: torch.Tensor) -> torch.Tensor:
-        if self.mask == "bool":
+        if not self.additive:
             return keep
         device = keep.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
@@ -185,8 +185,7 @@ class SharedPromptDPOTrainer(DPOTrainer):
         if why_not:
             logger.info("DPO runs each pair's two rows separately: %s", why_not)
         else:
-            impl = model.config.get_text_config()._attn_implementation
-            self._sharing = PromptSharing(backbone_of(model), _MASKS[impl])
+            self._sharing = PromptSharing(backbone_of(model), model.config._attn_implementation)
             logger.info("DPO runs each pair's common prefix once")
         super().__init__(model, *args, **kwargs)
 
