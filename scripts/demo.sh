@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the embedded default model, with few steps so that it runs in minutes on a CPU:
-# two LoRA SFT adapters of SmolLM2-135M-Instruct on H4rmony (r=16 on q/k/v/o, and r=8 on q/v) and a
+# two LoRA SFT adapters of SmolLM2-135M-Instruct on H4rmony (r=8 on q/k/v/o, and r=8 on q/v) and a
 # DPO adapter on hh-rlhf, all through Olive; a held-out preference evaluation of the DPO adapter;
 # one int4 CPU bundle with the three adapters (Olive's model builder + adapter extraction); verify
 # with parity against PyTorch; a reply from the base and from each adapter; `slmops bench` against

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -45,29 +47,46 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def build_tiny_model(folder: Path, texts: list[str], seed: int = 0, arch: str = "llama") -> Path:
+@dataclass(frozen=True)
+class Chat:
+    """A tokenizer's chat set-up: its template, the special tokens it writes, and which is which."""
+
+    template: str
+    specials: tuple[str, ...]
+    bos: Optional[str]  # None: the family has no begin-of-text token (Qwen, Phi-3)
+    eos: str  # the end-of-turn token: generation stops there
+    pad: str
+
+
+CHATML = Chat(
+    CHAT_TEMPLATE, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+)
+
+
+def build_tiny_model(
+    folder: Path, texts: list[str], seed: int = 0, arch: str = "llama", chat: Chat = CHATML, **config_overrides
+) -> Path:
     """A 2-layer model (hidden 64, the least bitsandbytes 4-bit takes on CPU) of a real architecture
-    (llama, qwen2, phi3), and a 400-token byte-level BPE trained on `texts`."""
+    (ARCHS), and a 400-token byte-level BPE trained on `texts` with `chat`'s special tokens and template."""
     import torch
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=400, special_tokens=list(chat.specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     bpe.train_from_iterator(texts, trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+        tokenizer_object=bpe, bos_token=chat.bos, eos_token=chat.eos, pad_token=chat.pad
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = chat.template
     torch.manual_seed(seed)
     config_class, model_class = (getattr(transformers, f"{ARCHS[arch]}{kind}") for kind in ("Config", "ForCausalLM"))
-    config = config_class(
+    settings = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -79,15 +98,24 @@ def build_tiny_model(folder: Path, texts: list[str], seed: int = 0, arch: str = 
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        # phi3: one context length, the 4k layout (a longer one makes the builder expect LongRoPE factors)
-        **({"original_max_position_embeddings": 512} if arch == "phi3" else {}),
     )
+    if arch == "phi3":  # one context length, the 4k layout (a longer one makes the builder expect LongRoPE factors)
+        settings["original_max_position_embeddings"] = 512
+    config = config_class(**{**settings, **config_overrides})
     model_class(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
-ARCHS = {"llama": "Llama", "qwen2": "Qwen2", "phi3": "Phi3"}  # model_type -> transformers class prefix
+# model_type -> transformers class prefix
+ARCHS = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "phi3": "Phi3",
+    "gemma2": "Gemma2",
+}
 
 
 def corpus_texts() -> list[str]:

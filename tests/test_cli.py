@@ -242,7 +242,7 @@ def test_dry_run_prints_plan_and_json(tmp_path, tiny_model):
     # 96 distinct rows; the recipe's eval_split 0.1 holds out round(9.6) = 10 of them
     assert (result["dry_run"], result["counts"]) == (True, {"sft": [86, 10]})
     config = json.loads((tmp_path / "out" / "olive_config.json").read_text())
-    assert config["passes"]["sft"]["r"] == 16
+    assert config["passes"]["sft"]["r"] == 8
 
 
 def train_two_steps(tmp_path, tiny_model, *extra):
@@ -271,7 +271,7 @@ def test_finetune_summary(tmp_path, tiny_model):
     assert code == 0, out
     lines = out.splitlines()
     assert lines[0] == (
-        f"Fine-tuned {tiny_model} with lora (r=16, q_proj, k_proj, v_proj, o_proj), stages sft"
+        f"Fine-tuned {tiny_model} with lora (r=8, q_proj, k_proj, v_proj, o_proj), stages sft"
         " - recipe smollm2-135m-sft-h4rmony"
     )
     assert "  sft           8 train, 0 eval examples" in lines

@@ -178,3 +178,28 @@ def test_olive_qlora_still_trains_every_linear_layer(tiny_model, tmp_path):
     config.training_args = QLoRATrainingArguments()  # as the pass's run sets it before this step
     _, peft_model, _, _ = olive_pass.get_quant_model(model, config, str(tmp_path))
     assert set(peft_model.peft_config["default"].target_modules) > {"q_proj"}
+
+
+def test_onnxruntime_genai_still_refuses_a_short_generation_with_a_windowed_kv_cache(tmp_path):
+    """Why core.compat.BUILDER_OPTIONS turns the builder's windowed_kv_cache off: built with it, a sliding-window
+    model (Gemma 2) cannot generate with max_length below its window. Fails once it can."""
+    import subprocess
+    import sys
+
+    import onnxruntime_genai as og
+
+    from test_architectures import FAMILIES, family_model
+
+    model = family_model(FAMILIES["gemma2"], tmp_path / "gemma2")  # window 16
+    out = tmp_path / "onnx"
+    subprocess.run(
+        [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", model, "-o", out, "-p", "fp32", "-e", "cpu"],
+        check=True,
+        capture_output=True,
+    )
+    built = og.Model(str(out))
+    params = og.GeneratorParams(built)
+    params.set_search_options(max_length=8)
+    generator = og.Generator(built, params)
+    with pytest.raises(Exception, match="local_window_size"):
+        generator.append_tokens([1, 2, 3])

@@ -1,5 +1,6 @@
 """Every shipped recipe, run for one step through its own Olive config on a tiny random model of its
-architecture, with synthetic rows in the recipe's own data layout (the hub is not reachable here).
+architecture (with its family's chat template, test_architectures.FAMILIES), with synthetic rows in the
+recipe's own data layout (the hub is not reachable here); then its export, dry-run.
 
 What the hardware here cannot run is changed and said so: fp16 mixed precision needs a GPU (bf16 here).
 """
@@ -9,25 +10,30 @@ from pathlib import Path
 from string import Formatter
 
 import pytest
+from click.testing import CliRunner
 
-from conftest import REPO, build_tiny_model, corpus_texts
+from conftest import REPO
+from slmops.cli import cli
+from slmops.shipping.export import TARGETS
 from slmops.training.finetune import finetune
 from slmops.training.recipe import load_recipe
+from test_architectures import FAMILIES, family_model
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 
+# hub id fragment -> its family (the first that matches); anything else is a Llama
+FAMILY_OF = (("qwen3", "qwen3"), ("qwen", "qwen2"), ("phi-", "phi3"), ("gemma-2", "gemma2"), ("mistral", "mistral"))
+
+
 def architecture(model_name: str) -> str:
     name = model_name.lower()
-    return "qwen2" if "qwen" in name else "phi3" if "phi-3" in name else "llama"
+    return next((family for part, family in FAMILY_OF if part in name), "llama")
 
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    return {
-        arch: build_tiny_model(tmp_path_factory.mktemp(arch), corpus_texts(), arch=arch)
-        for arch in ("llama", "qwen2", "phi3")
-    }
+    return {name: family_model(family, tmp_path_factory.mktemp(name)) for name, family in FAMILIES.items()}
 
 
 def sft_row(section, i: int) -> dict:
@@ -82,7 +88,8 @@ def test_recipe_runs_one_step_on_its_architecture(path, tmp_path, tiny_models):
     if recipe.dpo:
         _local(recipe.dpo.data, tmp_path, "dpo", preference_row)
         d = recipe.dpo
-        d.max_steps, d.batch_size, d.gradient_accumulation_steps, d.max_length, d.save_steps = 1, 2, 1, 64, None
+        # 192: room for the longest family template's own tokens (Llama 3.2's dated system header)
+        d.max_steps, d.batch_size, d.gradient_accumulation_steps, d.max_length, d.save_steps = 1, 2, 1, 192, None
         d.data.eval_max_samples = 2
         d.dtype = "bfloat16" if d.dtype == "float16" else d.dtype
     result = finetune(recipe, tmp_path / "out")
@@ -96,3 +103,22 @@ def test_recipe_runs_one_step_on_its_architecture(path, tmp_path, tiny_models):
     }
     adapter = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
     assert sorted(adapter["target_modules"]) == sorted(recipe.lora.target_modules) and adapter["r"] == recipe.lora.r
+
+    exported = CliRunner().invoke(
+        cli,
+        [
+            "export",
+            "--recipe",
+            str(path),
+            "-m",
+            recipe.model.name,
+            "-a",
+            f"a={tmp_path / 'out'}",
+            "-o",
+            str(tmp_path / "bundle"),
+            "--dry-run",
+            *(["--merge", "a"] if not TARGETS[recipe.export.target].adapters else []),
+        ],
+    )
+    assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "bundle" / "olive_config.json").is_file()

@@ -16,6 +16,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+# Model-builder options every export adds. onnxruntime-genai 0.18 (CPU) sizes a sliding-window layer's
+# window-sized KV cache (the builder's default, windowed_kv_cache) to the search's max_length, and
+# GroupQueryAttention refuses a cache smaller than the window: Gemma 2 (window 4096) failed on any prompt
+# plus max_new_tokens under 4096. With the cache at full length, attention applies the window itself;
+# models without a window build the same graph either way.
+BUILDER_OPTIONS = {"windowed_kv_cache": False}
+
 
 def silence_olive_telemetry() -> None:
     """Install a do-nothing Olive telemetry singleton before Olive makes its own.

@@ -13,26 +13,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from slmops.core.architectures import PACKED, UNPACKED
 from slmops.core.errors import RunError
 
-# PEFT module name -> (block in the builder's graph, projection). Unpacked Llama/Mistral/Qwen2 layouts.
-MODULES = {
-    "q_proj": ("attn", "q_proj"),
-    "k_proj": ("attn", "k_proj"),
-    "v_proj": ("attn", "v_proj"),
-    "o_proj": ("attn", "o_proj"),
-    "gate_proj": ("mlp", "gate_proj"),
-    "up_proj": ("mlp", "up_proj"),
-    "down_proj": ("mlp", "down_proj"),
-}
+# PEFT module name -> (block in the builder's graph, projection). The graph always has these, unpacked.
+MODULES = {m: ("attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp", m) for m in UNPACKED}
 _PEFT_BLOCK = {"attn": "self_attn", "mlp": "mlp"}
 # Projections that read the same input, which slmops' FuseLoRA pass packs into one base MatMul with
-# one LoRA pair: group -> (block, members in output order).
-FUSED_GROUPS = {"qkv_proj": ("attn", ("q_proj", "k_proj", "v_proj")), "gate_up_proj": ("mlp", ("gate_proj", "up_proj"))}
+# one LoRA pair: group -> (block, members in output order). A model that keeps a group in one Linear
+# (Phi-3) trains one LoRA on it; its A is the group's A and its B the group's B as they are.
+FUSED_GROUPS = {group: (MODULES[parts[0]][0], parts) for group, parts in PACKED.items()}
+TRAINABLE = (*MODULES, *FUSED_GROUPS)  # what an adapter may train: a graph projection or a packed group
 _FUSED_INPUT = re.compile(
     rf"^model\.layers\.(\d+)\.(?:attn|mlp)\.({'|'.join(FUSED_GROUPS)})\.lora_([AB])\.MatMul\.weight$"
 )
 _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+
+
+def block(module: str) -> str:
+    return FUSED_GROUPS[module][0] if module in FUSED_GROUPS else MODULES[module][0]
+
+
+def members(module: str) -> tuple[str, ...]:
+    """The graph projections a trained module covers: a packed group's members, else itself."""
+    return FUSED_GROUPS[module][1] if module in FUSED_GROUPS else (module,)
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,13 @@ class Adapter:
 
     @property
     def modules(self) -> set[str]:
+        """The modules it trains, as PEFT names them (a packed group by its own name)."""
         return {module for _, module, _ in self.shapes}
+
+    @property
+    def graph_modules(self) -> set[str]:
+        """The graph projections it needs LoRA inputs on: a packed group's members."""
+        return {part for module in self.modules for part in members(module)}
 
     @property
     def layers(self) -> set[int]:
@@ -109,10 +119,10 @@ def _shapes(name: str, weights: Path) -> dict:
     with safe_open(str(weights), framework="pt") as fh:
         for key in fh.keys():
             match = _KEY.search(key)
-            if not match or match.group(2) not in MODULES:
+            if not match or match.group(2) not in TRAINABLE:
                 raise RunError(
                     f"adapter '{name}': tensor '{key}' is not a LoRA weight of a linear layer the "
-                    f"exporter handles ({', '.join(MODULES)}); retrain with target_modules among those"
+                    f"exporter handles ({', '.join(TRAINABLE)}); retrain with target_modules among those"
                 )
             shapes[(int(match.group(1)), match.group(2), match.group(3))] = tuple(fh.get_slice(key).get_shape())
     if not shapes:
@@ -149,7 +159,10 @@ def graph_node(layer: int, module: str, ab: str) -> str:
 
 
 def base_shapes(model_path: Path) -> tuple[int, dict[tuple[int, str], tuple[int, int]]]:
-    """(number of layers, (layer, module) -> (in_features, out_features)) from the base's safetensors headers."""
+    """(number of layers, (layer, module) -> (in_features, out_features)) from the base's safetensors headers.
+
+    A packed group (Phi-3's qkv_proj, gate_up_proj) is listed under its own name and, cut by the
+    config's head sizes, under each member's: the graph the builder makes has the members."""
     from safetensors import safe_open
 
     config = json.loads((Path(model_path) / "config.json").read_text())
@@ -160,10 +173,31 @@ def base_shapes(model_path: Path) -> tuple[int, dict[tuple[int, str], tuple[int,
         with safe_open(str(file), framework="pt") as fh:
             for key in fh.keys():
                 match = pattern.search(key)
-                if match and match.group(3) in MODULES:
+                if match and match.group(3) in TRAINABLE:
                     out_f, in_f = fh.get_slice(key).get_shape()[:2]
                     shapes[(int(match.group(1)), match.group(3))] = (int(in_f), int(out_f))
+    for (layer, module), (in_f, out_f) in list(shapes.items()):
+        if module in FUSED_GROUPS:
+            for part, width in zip(members(module), member_widths(config, module, out_f)):
+                shapes[(layer, part)] = (in_f, width)
     return n_layers, shapes
+
+
+def member_widths(config: dict, group: str, out_f: int) -> tuple[int, ...]:
+    """How a packed group's output rows divide among its members: q, k, v by heads; gate and up in halves."""
+    if group == "gate_up_proj":
+        return (out_f // 2, out_f // 2)
+    heads, kv_heads = (
+        int(config["num_attention_heads"]),
+        int(config.get("num_key_value_heads") or config["num_attention_heads"]),
+    )
+    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    widths = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+    if sum(widths) != out_f:
+        raise RunError(
+            f"{group} has {out_f} outputs, not the {sum(widths)} its config's heads make; the model is not a Phi-3 layout"
+        )
+    return widths
 
 
 def check_fits(adapter: Adapter, n_layers: int, shapes: dict[tuple[int, str], tuple[int, int]], base: str) -> None:
@@ -190,7 +224,7 @@ def scaling(config: dict, layer: int, module: str, rank: int) -> float:
     """PEFT's scaling for one module: alpha / r (alpha / sqrt(r) with rsLoRA), honouring the patterns."""
     alpha = float(config.get("lora_alpha", 8))
     for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.search(rf"(^|\.){pattern}$", f"layers.{layer}.{_PEFT_BLOCK[MODULES[module][0]]}.{module}"):
+        if re.search(rf"(^|\.){pattern}$", f"layers.{layer}.{_PEFT_BLOCK[block(module)]}.{module}"):
             alpha = float(value)
     return alpha / (rank**0.5 if config.get("use_rslora") else rank)
 
@@ -204,20 +238,22 @@ def onnx_tensors(
     base's (layer, module) -> (in, out). A per-module input takes the module's A or B, zero-padded
     up to the adapter's rank (rank_pattern) or all zeros if the adapter leaves the module out. A
     fused group's input (FuseLoRA) takes the trained members' A side by side and their B on the
-    block diagonal, each member's B in its own output columns.
+    block diagonal, each member's B in its own output columns. A packed group's LoRA (Phi-3) is
+    already in that layout; for per-member inputs its A goes to each member and its B is cut by rows.
     """
     import numpy as np
 
     weights = _matmul_weights(adapter)
     for layer, module, ab in weights:
-        if graph_input(layer, module, ab) not in graph_inputs and fused_input(layer, module, ab) not in graph_inputs:
-            raise RunError(
-                f"adapter '{adapter.name}' trains {module} in layer {layer}, which the bundle's "
-                "graph has no LoRA input for; export again with this adapter (or --lora-modules "
-                "covering it) so the base graph includes it"
-            )
+        for part in members(module):
+            if graph_input(layer, part, ab) not in graph_inputs and fused_input(layer, part, ab) not in graph_inputs:
+                raise RunError(
+                    f"adapter '{adapter.name}' trains {part} in layer {layer}, which the bundle's "
+                    "graph has no LoRA input for; export again with this adapter (or --lora-modules "
+                    "covering it) so the base graph includes it"
+                )
     rank, values = adapter.rank, {}
-    by_name = {graph_input(*key): w for key, w in weights.items()}
+    by_name = {graph_input(*key): w for key, w in _unpacked(weights, shapes).items()}
     for name, (in_f, out_f) in graph_inputs.items():
         is_a = ".lora_A." in name
         fused = _FUSED_INPUT.match(name)
@@ -263,6 +299,8 @@ def _fused_tensor(weights: dict, layer: int, group: str, is_a: bool, shapes: dic
     """One fused group's A ([in, sum r]) or B ([sum r, sum out], block-diagonal); `empty` if no member is trained."""
     import numpy as np
 
+    if (layer, group, "A") in weights:  # trained packed, as the fused graph packs it
+        return weights[(layer, group, "A" if is_a else "B")]
     members = FUSED_GROUPS[group][1]
     trained = [m for m in members if (layer, m, "A") in weights]
     if not trained:
@@ -270,6 +308,21 @@ def _fused_tensor(weights: dict, layer: int, group: str, is_a: bool, shapes: dic
     if is_a:
         return np.concatenate([weights[(layer, m, "A")] for m in trained], axis=1)
     return block_diagonal([weights.get((layer, m, "B")) for m in members], [shapes[(layer, m)][1] for m in members])
+
+
+def _unpacked(weights: dict, shapes: dict) -> dict:
+    """The weights with each packed group's LoRA given to its members: the same A, B's own output columns."""
+    out = {}
+    for (layer, module, ab), w in weights.items():
+        if module not in FUSED_GROUPS:
+            out[(layer, module, ab)] = w
+            continue
+        col = 0
+        for part in members(module):
+            width = shapes[(layer, part)][1]
+            out[(layer, part, ab)] = w if ab == "A" else w[:, col : col + width]
+            col += width
+    return out
 
 
 def block_diagonal(parts: list, widths: list[int]):
@@ -288,6 +341,17 @@ def block_diagonal(parts: list, widths: list[int]):
     return b
 
 
+def base_modules(modules: set[str], shapes: dict[tuple[int, str], tuple[int, int]]) -> list[str]:
+    """The base's own Linear names that cover these graph projections (a packed group where the base packs them)."""
+    packed = {g for (_, g) in shapes if g in FUSED_GROUPS}
+    return sorted({next((g for g in packed if m in members(g)), m) for m in modules})
+
+
+def graph_modules(modules: set[str], shapes: dict[tuple[int, str], tuple[int, int]]) -> set[str]:
+    """The graph projections that get LoRA inputs: where the base packs a group, all of its members."""
+    return {part for module in base_modules(modules, shapes) for part in members(module)}
+
+
 def union_adapter(
     adapters: list[Adapter],
     modules: set[str],
@@ -303,10 +367,11 @@ def union_adapter(
     rank = 8  # any rank: the exported graph takes LoRA weights of any rank as inputs
     out.mkdir(parents=True)
     tensors = {}
+    trained = base_modules(modules, shapes)
     for layer in range(n_layers):
-        for module in sorted(modules):
+        for module in trained:
             in_f, out_f = shapes[(layer, module)]
-            prefix = f"base_model.model.model.layers.{layer}.{_PEFT_BLOCK[MODULES[module][0]]}.{module}"
+            prefix = f"base_model.model.model.layers.{layer}.{_PEFT_BLOCK[block(module)]}.{module}"
             tensors[f"{prefix}.lora_A.weight"] = torch.zeros(rank, in_f)
             tensors[f"{prefix}.lora_B.weight"] = torch.zeros(out_f, rank)
     save_file(tensors, str(out / "adapter_model.safetensors"))
@@ -318,7 +383,7 @@ def union_adapter(
         "lora_alpha": rank,
         "lora_dropout": 0.0,
         "bias": "none",
-        "target_modules": sorted(modules),
+        "target_modules": trained,
         "fan_in_fan_out": False,
         "inference_mode": True,
     }

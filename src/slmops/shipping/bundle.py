@@ -42,6 +42,7 @@ def versions() -> dict[str, str | None]:
 
 def new_manifest(req, adapters, modules: set[str], n_layers: int, result) -> BundleManifest:
     """The manifest of a freshly exported bundle (files are hashed when it is written)."""
+    from slmops.core.architectures import architecture_of
     from slmops.core.models import model_fingerprint
 
     m, t, q = req.model, req.target, req.quant
@@ -49,7 +50,12 @@ def new_manifest(req, adapters, modules: set[str], n_layers: int, result) -> Bun
     return BundleManifest(
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         base=BaseInfo(
-            name=m.name, source=m.source, hub_id=m.hub_id, path=str(m.path), sha256=model_fingerprint(m.path)
+            name=m.name,
+            source=m.source,
+            hub_id=m.hub_id,
+            path=str(m.path),
+            sha256=model_fingerprint(m.path),
+            architecture=architecture_of(m.path).name,
         ),
         target=TargetInfo(name=t.name, device=t.device, execution_provider=t.provider, adapters=t.adapters),
         quantization=QuantizationInfo(
@@ -123,6 +129,7 @@ def model_card(m: BundleManifest) -> str:
         "| | |",
         "|---|---|",
         f"| base model | {base.name} ({base.hub_id or base.source}), weights sha256 `{base.sha256[:16]}` |",
+        f"| architecture | {base.architecture or 'not recorded'} |",
         f"| target | {t.name} ({t.execution_provider}) |",
         f"| quantization | {_quant_text(q)}; LoRA weights float32 |",
         f"| KV cache | {_kv_text(m.kv_cache)} |",

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from slmops.core.architectures import architecture_of
 from slmops.core.choices import FALLBACK_INT4_ALGO
+from slmops.core.compat import BUILDER_OPTIONS
 from slmops.core.errors import RunError
 from slmops.core.files import atomic_dir, output_lock, write_file, write_text
 from slmops.core.models import ResolvedModel, model_fingerprint, resolve_model
@@ -267,13 +269,13 @@ def render_export(
         "type": "SlmopsModelBuilder",
         "precision": "fp32" if quant.precision == "int8" or gguf else quant.precision,
     }
-    options = {} if target.static_shapes else {"prune_lm_head": True}  # StaticLLM expects every position's logits
+    options: dict[str, Any] = {} if target.static_shapes else {"prune_lm_head": True}  # StaticLLM wants every logit
+    options.update(BUILDER_OPTIONS)  # sliding-window caches at full length (core.compat)
     if quant.kv_cache == "int8":
         options.update(kv_cache.builder_options(Path(kv_scales or kv_cache.SCALE_FILE)))
-    if options:
-        # prune_lm_head: prefill computes the last position's logits only, as llama.cpp does: measured +16-19%
-        # prefill at 1024-4096 tokens, and no [tokens x vocab] logits tensor (800 MB at 4096 tokens on SmolLM2)
-        builder["extra_options"] = options
+    # prune_lm_head: prefill computes the last position's logits only, as llama.cpp does: measured +16-19%
+    # prefill at 1024-4096 tokens, and no [tokens x vocab] logits tensor (800 MB at 4096 tokens on SmolLM2)
+    builder["extra_options"] = options
     if quant.precision == "int4" and not gguf:
         builder.update(
             int4_algo_config=quant.int4_algo, int4_block_size=quant.block_size, int4_accuracy_level=quant.accuracy_level
@@ -369,17 +371,18 @@ def check_request(req: ExportRequest) -> Checked:
         raise RunError("--hf-merged writes the HF weights of merged variants: add --merge NAME")
     if req.lora_modules and not t.adapters:
         raise RunError(f"--lora-modules needs adapters at run time, which target {t.name} cannot switch")
+    arch = architecture_of(req.model.path)
     n_layers, shapes = lora.base_shapes(req.model.path)
     _check_int4_algo(req, n_layers)
     fingerprint = model_fingerprint(req.model.path)
     for adapter in adapters:
         _check_base(adapter, req.model, fingerprint)
         lora.check_fits(adapter, n_layers, shapes, req.model.name)
-    bad = sorted(set(req.lora_modules or ()) - set(lora.MODULES))
+    bad = sorted(set(req.lora_modules or ()) - set(arch.modules))
     if bad:
         raise RunError(
             f"--lora-modules {', '.join(bad)} is not a linear layer the exporter handles; "
-            f"choose from {', '.join(lora.MODULES)}"
+            f"choose from {', '.join(arch.modules)}"
         )
     return Checked(adapters, n_layers, shapes)
 
@@ -437,17 +440,19 @@ def _check_base(adapter: lora.Adapter, model: ResolvedModel, fingerprint: str) -
         )
 
 
-def graph_modules(req: ExportRequest, adapters: list[lora.Adapter]) -> set[str]:
-    modules = set().union(*(a.modules for a in adapters)) if adapters else set()
+def graph_modules(req: ExportRequest, adapters: list[lora.Adapter], shapes: dict) -> set[str]:
+    """The projections that get LoRA inputs: what the adapters train (or --lora-modules), packed groups whole."""
+    modules = set().union(*(a.graph_modules for a in adapters)) if adapters else set()
     if req.lora_modules:
-        missing = modules - set(req.lora_modules)
+        wanted = {part for module in req.lora_modules for part in lora.members(module)}
+        missing = modules - wanted
         if missing:
             raise RunError(
                 f"--lora-modules leaves out {', '.join(sorted(missing))}, which adapters train; "
                 "add them, or drop --lora-modules"
             )
-        modules = set(req.lora_modules)
-    return modules
+        modules = wanted
+    return lora.graph_modules(modules, shapes)
 
 
 def export(req: ExportRequest, output: Path, dry_run: bool = False, progress=None) -> ExportResult:
@@ -461,7 +466,7 @@ def export(req: ExportRequest, output: Path, dry_run: bool = False, progress=Non
         _say(progress, f"note: target {req.target.name}: {limit}")
     adapters, n_layers, shapes = checked.adapters, checked.n_layers, checked.shapes
     run_time = adapters if req.target.adapters else []  # the rest are only merged
-    modules = graph_modules(req, run_time) if req.target.adapters else set()
+    modules = graph_modules(req, run_time, shapes) if req.target.adapters else set()
     result = ExportResult(str(output), dry_run, req.target.name, req.quant.describe())
     with atomic_dir(output) as tmp:
         work = tmp / ".work"

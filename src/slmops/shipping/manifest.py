@@ -38,6 +38,7 @@ class BaseInfo(Record):
     hub_id: Optional[str] = None
     path: str
     sha256: str
+    architecture: Optional[str] = None  # transformers' class (core.architectures); absent in older bundles
 
 
 class TargetInfo(Record):

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
+from slmops.core.architectures import check_targets
 from slmops.core.errors import RunError
 from slmops.core.files import resumable_dir
 from slmops.core.models import ResolvedModel, model_fingerprint, resolve_model
@@ -84,6 +85,9 @@ def plan(recipe: Recipe) -> Plan:
         sources = replace(sources, dpo=dpo, dpo_eval=dpo_eval)
         counts["dpo"] = (len(train), len(held[: recipe.dpo.data.eval_max_samples]))
     model = resolve_model(recipe.model.name)
+    check_targets(
+        model.path, recipe.lora.target_modules
+    )  # export must take the adapter: refuse now, not after training
     return Plan(recipe, model, sources, counts)
 
 
