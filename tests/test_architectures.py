@@ -296,7 +296,7 @@ def test_a_packed_adapter_needs_its_inputs_in_the_graph(tmp_path):
     code, out = run("export", "--into", tmp_path / "bundle", "-m", model, "-a", f"qkv={qkv}")
     assert code == 2
     assert out.splitlines()[-1] == (
-        "Error: adapter 'qkv' trains q_proj in layer 0, which the bundle's graph has no LoRA input for; export "
+        "Error: adapter 'qkv' trains qkv_proj in layer 0, which the bundle's graph has no LoRA input for; export "
         "again with this adapter (or --lora-modules covering it) so the base graph includes it"
     )
 
@@ -312,3 +312,16 @@ def test_a_template_longer_than_the_dpo_budget_is_one_error(tmp_path):
     assert fit_prompt(pair, tokenizer, 512)["prompt"] == pair["prompt"]
     with pytest.raises(DataError, match=r"^max_length 32 leaves 28 tokens for a prompt, fewer than .*; raise dpo"):
         fit_prompt(pair, tokenizer, 32)  # Llama 3.2's template writes a dated system header first
+
+
+def test_an_adapter_on_unpacked_projections_is_refused_by_a_packed_base(tmp_path):
+    phi3 = family_model(FAMILIES["phi3"], tmp_path / "phi3")
+    same_sizes = {k: FAMILIES["phi3"].config[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads")}
+    llama = build_tiny_model(tmp_path / "llama", corpus_texts(), num_key_value_heads=1, **same_sizes)
+    adapter = make_adapter(llama, tmp_path / "q", 2, ["q_proj"], seed=1)
+    code, out = run("export", "-m", phi3, "-a", f"q={adapter}", "-p", "fp32", "-o", tmp_path / "bundle")
+    assert code == 2
+    assert out.splitlines()[-1] == (
+        f"Error: adapter 'q' trains q_proj, which base '{phi3}' packs into qkv_proj; it was trained on another "
+        "model layout"
+    )

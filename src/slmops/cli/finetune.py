@@ -53,13 +53,45 @@ def model_and_data_options(f):
 )
 @click.option(
     "--num-processes",
-    type=click.IntRange(1, 1024),
+    type=click.IntRange(1, 65536),
     default=None,
-    help="Train in N data-parallel processes under accelerate (overrides distributed.num_processes).",
+    help="Train in N data-parallel processes in all, over every machine (overrides distributed.num_processes).",
+)
+@click.option(
+    "--num-machines",
+    type=click.IntRange(1, 4096),
+    default=None,
+    help="Machines taking part (distributed.num_machines).",
+)
+@click.option(
+    "--machine-rank",
+    type=click.IntRange(0, 4095),
+    default=None,
+    help="This machine's rank; 0 writes the output (distributed.machine_rank).",
+)
+@click.option(
+    "--main-address",
+    metavar="HOST:PORT",
+    default=None,
+    help="Machine 0's address, the same on every machine (distributed.main_address).",
 )
 @report_to_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def finetune_command(recipe, model, data, output, sets, dry_run, resume, num_processes, report_to, as_json) -> None:
+def finetune_command(
+    recipe,
+    model,
+    data,
+    output,
+    sets,
+    dry_run,
+    resume,
+    num_processes,
+    num_machines,
+    machine_rank,
+    main_address,
+    report_to,
+    as_json,
+) -> None:
     """Fine-tune a model (LoRA / QLoRA SFT, DPO) through Olive; writes a PEFT adapter."""
     from slmops.training.recipe import data_overrides, load_recipe, prepare_environment
 
@@ -68,6 +100,9 @@ def finetune_command(recipe, model, data, output, sets, dry_run, resume, num_pro
         flags={
             "model.name": model,
             "distributed.num_processes": num_processes,
+            "distributed.num_machines": num_machines,
+            "distributed.machine_rank": machine_rank,
+            "distributed.main_address": main_address,
             "training.report_to": list(report_to) or None,
             **data_overrides(data),
         },
@@ -84,8 +119,20 @@ def finetune_command(recipe, model, data, output, sets, dry_run, resume, num_pro
     if resume and output is None:
         output = interrupted_run(r.name)
     output = output or default_output(r.name)
+    rank = _machine_rank(r)
     if dry_run:
         result = finetune(r, output, dry_run=True)
+    elif rank:  # machine 0 writes the output, the runs index and the summary
+        from slmops.training.finetune import node_folder
+
+        if resume:
+            _say_resume_point(node_folder(output, rank))
+        result = finetune(r, output, resume=resume)
+        click.echo(
+            f"Machine {rank} of {result.machine[1] if result.machine else '?'} trained its share; machine 0 "
+            f"writes the adapter, the summary and the runs index, to {Path(output).absolute()} there"
+        )
+        return
     else:
         from slmops.core.files import check_target
         from slmops.training import runs
@@ -100,6 +147,15 @@ def finetune_command(recipe, model, data, output, sets, dry_run, resume, num_pro
         click.echo(json.dumps({k: v for k, v in asdict(result).items() if k != "log"}, indent=2))
     else:
         click.echo(_summary(r, result))
+
+
+def _machine_rank(recipe) -> int:
+    """This machine's rank in a multi-node run (the accelerate config file's, unless a flag or key sets it)."""
+    if not recipe.distributed.multi_process:
+        return 0
+    from slmops.training.distributed import topology
+
+    return topology(recipe.distributed).rank
 
 
 def _say_resume_point(output: Path) -> None:

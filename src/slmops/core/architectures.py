@@ -47,10 +47,17 @@ def supported() -> str:
     return ", ".join(a.model_type for a in ARCHITECTURES.values())
 
 
+def architecture_name(model_path: Path) -> str:
+    """transformers' class for the model (from config.json; by model_type where a folder omits it)."""
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    by_type = {a.model_type: a.name for a in ARCHITECTURES.values()}
+    return (config.get("architectures") or [by_type.get(config.get("model_type", ""), "?")])[0]
+
+
 def architecture_of(model_path: Path) -> Architecture:
     """The model's architecture, or a one-line refusal naming the ones slmops exports."""
     config = json.loads((Path(model_path) / "config.json").read_text())
-    name = (config.get("architectures") or ["?"])[0]
+    name = architecture_name(model_path)
     if name not in ARCHITECTURES:
         raise RunError(
             f"model architecture {name} ({config.get('model_type', '?')}) is not one slmops can export with "

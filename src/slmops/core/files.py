@@ -114,9 +114,10 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def resumable_dir(target: Path, resume: bool, keep: Callable[[Path], bool]) -> Iterator[Path]:
+def resumable_dir(target: Path, resume: bool, keep: Callable[[Path], bool], publish: bool = True) -> Iterator[Path]:
     """Like atomic_dir, but the partial folder has a fixed name and outlives a failed run when
-    keep(partial) says it holds something to resume from (a checkpoint); `resume` continues in it."""
+    keep(partial) says it holds something to resume from (a checkpoint); `resume` continues in it.
+    publish=False: a work folder only (another process writes the output), removed once done."""
     target = Path(target).absolute()
     with output_lock(target):
         _refuse_to_start(target, resume)
@@ -124,7 +125,10 @@ def resumable_dir(target: Path, resume: bool, keep: Callable[[Path], bool]) -> I
         partial.mkdir(exist_ok=True)
         try:
             yield partial
-            _publish(partial, target)
+            if publish:
+                _publish(partial, target)
+            else:
+                shutil.rmtree(partial, ignore_errors=True)
         except BaseException:
             if not keep(partial):
                 shutil.rmtree(partial, ignore_errors=True)

@@ -202,8 +202,14 @@ def member_widths(config: dict, group: str, out_f: int) -> tuple[int, ...]:
 
 def check_fits(adapter: Adapter, n_layers: int, shapes: dict[tuple[int, str], tuple[int, int]], base: str) -> None:
     """Refuse an adapter whose layers or tensor shapes do not fit the base (trained on another model)."""
+    packed = {part: group for (_, group) in shapes if group in FUSED_GROUPS for part in members(group)}
     for (layer, module, ab), shape in sorted(adapter.shapes.items()):
         where = f"layer {layer} {module} lora_{ab}"
+        if module in packed:  # the base has no such Linear: PEFT could not apply it for merging or parity
+            raise RunError(
+                f"adapter '{adapter.name}' trains {module}, which base '{base}' packs into {packed[module]}; "
+                "it was trained on another model layout"
+            )
         if (layer, module) not in shapes:
             raise RunError(
                 f"adapter '{adapter.name}' does not fit base '{base}': {where} has no matching layer "
@@ -248,7 +254,7 @@ def onnx_tensors(
         for part in members(module):
             if graph_input(layer, part, ab) not in graph_inputs and fused_input(layer, part, ab) not in graph_inputs:
                 raise RunError(
-                    f"adapter '{adapter.name}' trains {part} in layer {layer}, which the bundle's "
+                    f"adapter '{adapter.name}' trains {module} in layer {layer}, which the bundle's "
                     "graph has no LoRA input for; export again with this adapter (or --lora-modules "
                     "covering it) so the base graph includes it"
                 )

@@ -42,7 +42,7 @@ def versions() -> dict[str, str | None]:
 
 def new_manifest(req, adapters, modules: set[str], n_layers: int, result) -> BundleManifest:
     """The manifest of a freshly exported bundle (files are hashed when it is written)."""
-    from slmops.core.architectures import architecture_of
+    from slmops.core.architectures import architecture_name
     from slmops.core.models import model_fingerprint
 
     m, t, q = req.model, req.target, req.quant
@@ -55,7 +55,7 @@ def new_manifest(req, adapters, modules: set[str], n_layers: int, result) -> Bun
             hub_id=m.hub_id,
             path=str(m.path),
             sha256=model_fingerprint(m.path),
-            architecture=architecture_of(m.path).name,
+            architecture=architecture_name(m.path),
         ),
         target=TargetInfo(name=t.name, device=t.device, execution_provider=t.provider, adapters=t.adapters),
         quantization=QuantizationInfo(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from slmops.core.architectures import architecture_of
+from slmops.core.architectures import Architecture, architecture_of
 from slmops.core.choices import FALLBACK_INT4_ALGO
 from slmops.core.compat import BUILDER_OPTIONS
 from slmops.core.errors import RunError
@@ -371,20 +371,24 @@ def check_request(req: ExportRequest) -> Checked:
         raise RunError("--hf-merged writes the HF weights of merged variants: add --merge NAME")
     if req.lora_modules and not t.adapters:
         raise RunError(f"--lora-modules needs adapters at run time, which target {t.name} cannot switch")
-    arch = architecture_of(req.model.path)
     n_layers, shapes = lora.base_shapes(req.model.path)
     _check_int4_algo(req, n_layers)
     fingerprint = model_fingerprint(req.model.path)
     for adapter in adapters:
         _check_base(adapter, req.model, fingerprint)
         lora.check_fits(adapter, n_layers, shapes, req.model.name)
+    if (adapters and t.adapters) or req.lora_modules:  # run-time adapters: only where the whole path is proved
+        _check_lora_modules(req, architecture_of(req.model.path))
+    return Checked(adapters, n_layers, shapes)
+
+
+def _check_lora_modules(req: ExportRequest, arch: Architecture) -> None:
     bad = sorted(set(req.lora_modules or ()) - set(arch.modules))
     if bad:
         raise RunError(
             f"--lora-modules {', '.join(bad)} is not a linear layer the exporter handles; "
             f"choose from {', '.join(arch.modules)}"
         )
-    return Checked(adapters, n_layers, shapes)
 
 
 GGUF_TARGETS = ("cpu", "cuda")  # where MatMulNBits takes zero points and the block-sum MatMul runs as measured

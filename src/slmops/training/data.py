@@ -908,13 +908,15 @@ def fit_prompt(example: dict, tokenizer, max_length: int) -> dict:
 
     while len(messages) > 1 and prompt_tokens(messages) > budget:
         messages.pop(0)
-    excess = prompt_tokens(messages) - budget
-    if excess > 0:
-        ids = tokenizer(messages[0]["content"], add_special_tokens=False)["input_ids"]
-        messages[0] = {**messages[0], "content": tokenizer.decode(ids[min(excess, len(ids) - 1) :])}
-        if prompt_tokens(messages) > budget:  # the template's own tokens leave no room: TRL would drop every pair
-            raise DataError(
-                f"max_length {max_length} leaves {budget} tokens for a prompt, fewer than this model's chat "
-                f"template takes around even a cut-down message ({prompt_tokens(messages)}); raise dpo.max_length"
-            )
+    ids = tokenizer(messages[0]["content"], add_special_tokens=False)["input_ids"]
+    cut, excess = 0, prompt_tokens(messages) - budget
+    while excess > 0 and cut < len(ids) - 1:  # decoding a cut and encoding it again can come out longer: repeat
+        cut = min(cut + excess, len(ids) - 1)
+        messages[0] = {**messages[0], "content": tokenizer.decode(ids[cut:])}
+        excess = prompt_tokens(messages) - budget
+    if excess > 0:  # the template's own tokens leave no room: TRL would drop every pair
+        raise DataError(
+            f"max_length {max_length} leaves {budget} tokens for a prompt, fewer than this model's chat "
+            f"template takes around a one-token message ({prompt_tokens(messages)}); raise dpo.max_length"
+        )
     return {**example, "prompt": messages}

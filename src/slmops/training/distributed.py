@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -27,61 +30,196 @@ from slmops.training.recipe import DistributedSection
 SCRATCH = "ranks"  # under the work folder: rank-N/{olive-cache,olive-output,log.txt}
 
 
-def launch_command(config_path: Path, dist: DistributedSection, port: int) -> list[str]:
-    """`accelerate launch` running this module's worker in dist.num_processes processes."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if dist.config_file:
-        cmd += ["--config_file", str(Path(dist.config_file).expanduser().resolve())]
+@dataclass(frozen=True)
+class Topology:
+    """Where this machine stands: the recipe's distributed keys over the accelerate config file's own values."""
+
+    processes: int  # in all, over every machine
+    machines: int
+    rank: int  # this machine's
+    host: str  # machine 0
+    port: int  # slmops' check-in with several machines; the launcher's rendezvous is port + 1
+    given: frozenset[str]  # the settings to pass on the command line (the rest come from the config file)
+
+    @property
+    def launcher_port(self) -> int:
+        return self.port + 1 if self.machines > 1 else self.port
+
+
+def topology(dist: DistributedSection) -> Topology:
+    """Merge the recipe/flags with the accelerate config file: a key the recipe or a flag sets wins, else the file's."""
+    file = _config_file(dist)
+    given = set(dist.model_fields_set) & {"num_processes", "num_machines", "machine_rank", "main_address"}
+
+    def pick(key: str) -> int:
+        return int(getattr(dist, key) if key in given or key not in file else file[key])
+
+    processes, machines, rank = pick("num_processes"), pick("num_machines"), pick("machine_rank")
+    if dist.main_address:
+        host, _, port_text = dist.main_address.rpartition(":")
+        port = int(port_text)
     else:
-        cmd += ["--multi_gpu"]  # torchrun-style DDP; the worker picks gloo where there is no GPU
-    cmd += [
-        "--num_processes",
-        str(dist.num_processes),
-        "--num_machines",
-        "1",
-        "--machine_rank",
-        "0",
-        "--main_process_ip",
-        "127.0.0.1",
-        "--main_process_port",
-        str(port),
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "slmops.training.distributed",
-        str(config_path),
-    ]
-    return cmd
+        host = str(file.get("main_process_ip") or "127.0.0.1")
+        port = int(file.get("main_process_port") or dist.main_process_port or (0 if machines == 1 else 29500))
+        port = port or _free_port()
+    if not 0 <= rank < machines:
+        raise RunError(f"distributed.machine_rank {rank} is outside 0..{machines - 1} (num_machines {machines})")
+    if machines > 1 and not dist.main_address and "main_process_ip" not in file:
+        raise RunError(
+            f"{machines} machines need machine 0's address: add --main-address HOST:PORT (the same on every machine)"
+        )
+    if processes % machines:
+        raise RunError(
+            f"distributed.num_processes {processes} (in all) does not divide over {machines} machines; "
+            "give each machine the same number"
+        )
+    return Topology(processes, machines, rank, host, port, frozenset(given))
 
 
-def run(config: dict, work: Path, dist: DistributedSection) -> None:
-    """Run the Olive workflow `config` in dist.num_processes processes; return when all have finished."""
-    if dist.config_file and not Path(dist.config_file).expanduser().is_file():
+def _config_file(dist: DistributedSection) -> dict:
+    if not dist.config_file:
+        return {}
+    path = Path(dist.config_file).expanduser()
+    if not path.is_file():
         raise RunError(
             f"distributed.config_file {dist.config_file} not found; give the path of an accelerate "
             "config file (write one with `accelerate config`)"
         )
+    import yaml
+
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise RunError(f"distributed.config_file {dist.config_file} is not an accelerate config (a YAML mapping)")
+    return loaded
+
+
+def check_strategy(dist: DistributedSection) -> None:
+    """FSDP and DeepSpeed run on GPUs here; on CPU they are refused before anything starts, with the reason."""
+    import torch
+
+    if torch.cuda.is_available() or dist.strategy == "ddp":
+        return
+    why = {
+        "fsdp": "accelerate's FSDP plugin needs a GPU to sync module states ('no available devices found'), and "
+        "with that off it did not reproduce a one-process run on CPU (3.3e-3 apart in the loss after 3 steps)",
+        "deepspeed": "DeepSpeed's CPU accelerator needs Intel's extension and oneCCL, which slmops does not set up",
+    }[dist.strategy]
+    raise RunError(f"distributed.strategy {dist.strategy} is refused on CPU: {why}; use strategy ddp (gloo) here")
+
+
+def launch_command(config_path: Path, dist: DistributedSection, topo: Topology) -> list[str]:
+    """This machine's launcher (accelerate launch, or torchrun) running this module's worker."""
+    worker = ["-m", "slmops.training.distributed", str(config_path)]
+    if dist.launcher == "torchrun":
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={topo.machines}",
+            f"--node-rank={topo.rank}",
+            f"--nproc-per-node={topo.processes // topo.machines}",
+            f"--master-addr={topo.host}",
+            f"--master-port={topo.launcher_port}",
+            *worker,
+        ]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if dist.config_file:
+        cmd += ["--config_file", str(Path(dist.config_file).expanduser().resolve())]
+        given = topo.given  # the file's own values hold for the rest
+    else:
+        cmd += ["--multi_gpu"]  # torchrun-style DDP; the worker picks gloo where there is no GPU
+        given = frozenset({"num_processes", "num_machines", "machine_rank", "main_address"})
+    if "num_processes" in given:
+        cmd += ["--num_processes", str(topo.processes)]
+    if "num_machines" in given:
+        cmd += ["--num_machines", str(topo.machines)]
+    if "machine_rank" in given:
+        cmd += ["--machine_rank", str(topo.rank)]
+    if "main_address" in given or not dist.config_file:
+        cmd += ["--main_process_ip", topo.host, "--main_process_port", str(topo.launcher_port)]
+    if not dist.config_file:
+        cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    return cmd + worker
+
+
+def run(config: dict, work: Path, dist: DistributedSection, topo: Topology, identity: Optional[dict] = None) -> None:
+    """Run the Olive workflow `config` in this machine's share of the processes; return when all have finished.
+
+    With several machines, this machine first checks in with machine 0 (`identity`: what it is about to
+    train), then keeps checking in while it trains; a failure or silence anywhere stops every machine."""
     config_path = work / "olive_config.distributed.json"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(json.dumps(config, indent=2))
-    port = dist.main_process_port or _free_port()
+    if topo.machines == 1:
+        _train_here(launch_command(config_path, dist, topo), work, None)
+        return
+    from slmops.training import checkin
+
+    server = checkin.Server(topo.host, topo.port, topo.machines, dist.timeout) if topo.rank == 0 else None
+    client = checkin.Client(topo.host, topo.port, topo.rank, dist.timeout)
+    try:
+        client.join(identity or {})
+        _train_here(launch_command(config_path, dist, topo), work, client)
+        client.check("done")
+    except BaseException:
+        client.check("leave")  # machine 0 need not wait for this one to hear the end
+        raise
+    finally:
+        if server is not None:
+            server.wait_finished()  # the others still ask machine 0 how the run ended
+            server.close()
+
+
+def _train_here(cmd: list[str], work: Path, client) -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # Own process group: an interrupt reaches the launcher once, from us, and it stops its workers.
-    process = subprocess.Popen(
-        launch_command(config_path, dist, port), env=env, start_new_session=True, stdout=sys.stderr, stderr=sys.stderr
-    )
+    process = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=sys.stderr, stderr=sys.stderr)
     try:
-        code = process.wait()
-    except BaseException:  # Ctrl-C / SIGTERM in the parent
+        code = _wait(process, client)
+    except BaseException:  # Ctrl-C / SIGTERM in the parent, or another machine's failure
         _stop(process)
         raise
-    if code != 0:
+    if code == 0:
+        return
+    reason = _failed_rank(work) or f"its training processes exited {code}"
+    if client is None:
         raise RunError(
-            f"distributed training failed (accelerate launch exited {code}){_failed_rank(work)}; "
+            f"distributed training failed (the launcher exited {code}){': ' + reason if _failed_rank(work) else ''}; "
             "rerun with --verbose, or with distributed.num_processes: 1 to see the error alone"
         )
+    if _PEER_LOST.search(reason):  # a peer went away: let machine 0 say which (bounded by the timeout)
+        deadline = time.monotonic() + client.timeout
+        while time.monotonic() < deadline:
+            stop = client.check()
+            if stop:
+                client.check("leave")
+                raise RunError(stop)
+            time.sleep(0.5)
+    stop = client.check("fail", reason)
+    raise RunError(stop or f"machine {client.rank} failed: {reason}")
+
+
+_PEER_LOST = re.compile(r"Connection (closed|reset)|Broken pipe|peer|Socket Timeout|timed out", re.IGNORECASE)
+
+
+def _beat() -> float:
+    from slmops.training.checkin import BEAT_SECONDS
+
+    return BEAT_SECONDS
+
+
+def _wait(process: subprocess.Popen, client) -> int:
+    """The launcher's exit code; with several machines, checking in meanwhile (RunError if another stopped)."""
+    if client is None:
+        return process.wait()
+    while True:
+        try:
+            return process.wait(timeout=_beat())
+        except subprocess.TimeoutExpired:
+            stop = client.check()
+            if stop:
+                client.check("leave")
+                raise RunError(stop) from None
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -103,12 +241,14 @@ def _free_port() -> int:
 
 
 def _failed_rank(work: Path) -> str:
-    """The last line of the first rank log that has an error in it."""
+    """The error line a rank of this machine left (error.txt), else the last error line of a quiet rank's log."""
+    for error in sorted((work / SCRATCH).glob("rank-*/error.txt")):
+        return f"{error.parent.name}: {error.read_text().strip()[:300]}"
     for log in sorted((work / SCRATCH).glob("rank-*/log.txt")):
         lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
         errors = [line for line in lines if "Error" in line or "error" in line]
         if errors:
-            return f": {log.parent.name}: {errors[-1][:300]}"
+            return f"{log.parent.name}: {errors[-1][:300]}"
     return ""
 
 
@@ -122,7 +262,9 @@ def rank_config(config: dict, rank: int) -> dict:
 
 def _worker(config_path: Path) -> int:
     rank = int(os.environ.get("RANK", "0"))
-    config = rank_config(json.loads(config_path.read_text()), rank)
+    shared = json.loads(config_path.read_text())
+    error = Path(shared["cache_dir"]).parent / SCRATCH / f"rank-{rank}" / "error.txt"  # read by _failed_rank
+    config = rank_config(shared, rank)
     if rank:
         _quiet(Path(config["cache_dir"]).parent / "log.txt")
 
@@ -144,6 +286,8 @@ def _worker(config_path: Path) -> int:
         run_workflow(config, Path(config["cache_dir"]).parent / f"cwd-{rank}", f"rank {rank}'s fine-tune failed")
     except SlmopsError as exc:
         print(f"Error: {exc}", file=sys.stderr)
+        error.parent.mkdir(parents=True, exist_ok=True)
+        error.write_text(str(exc) + "\n")  # what the machine's `slmops finetune` reports
         return 1
     return 0
 

@@ -26,6 +26,7 @@ from slmops.core.files import resumable_dir
 from slmops.core.models import ResolvedModel, model_fingerprint, resolve_model
 from slmops.core.workflows import run_workflow, verbose
 from slmops.training import data as data_mod
+from slmops.training import distributed
 from slmops.training.olive_config import SFT_PASS, Sources, render_finetune, validate
 from slmops.training.outputs import has_checkpoint
 from slmops.training.recipe import BNB_OPTIMIZERS, Recipe, recipe_to_yaml
@@ -42,6 +43,7 @@ class Plan:
     model: ResolvedModel
     sources: Sources
     counts: dict[str, tuple[int, int]]  # stage -> (train examples, eval examples)
+    topology: Optional[distributed.Topology] = None  # several processes: where this machine stands
 
 
 @dataclass
@@ -70,6 +72,8 @@ class FinetuneResult:
     stages: dict[str, StageResult] = field(default_factory=dict)
     seconds: float = 0.0
     log: list[dict] = field(default_factory=list)
+    machine: Optional[tuple[int, int]] = None  # (rank, machines) with several machines
+    launch: Optional[list[str]] = None  # this machine's launcher command, with several processes
 
 
 def plan(recipe: Recipe) -> Plan:
@@ -85,10 +89,12 @@ def plan(recipe: Recipe) -> Plan:
         sources = replace(sources, dpo=dpo, dpo_eval=dpo_eval)
         counts["dpo"] = (len(train), len(held[: recipe.dpo.data.eval_max_samples]))
     model = resolve_model(recipe.model.name)
-    check_targets(
-        model.path, recipe.lora.target_modules
-    )  # export must take the adapter: refuse now, not after training
-    return Plan(recipe, model, sources, counts)
+    check_targets(model.path, recipe.lora.target_modules)  # export must take the adapter: refuse now, not after
+    topology = None
+    if recipe.distributed.multi_process:
+        topology = distributed.topology(recipe.distributed)
+        distributed.check_strategy(recipe.distributed)
+    return Plan(recipe, model, sources, counts, topology)
 
 
 def check_bitsandbytes(recipe: Recipe) -> None:
@@ -124,7 +130,9 @@ def finetune(recipe: Recipe, output_dir: Path, dry_run: bool = False, resume: bo
     """
     p = plan(recipe)
     check_trackers(recipe.training.report_to)
-    with resumable_dir(output_dir, resume, keep=has_checkpoint) as tmp:
+    rank = p.topology.rank if p.topology and not dry_run else 0
+    target = output_dir if rank == 0 else node_folder(output_dir, rank)
+    with resumable_dir(target, resume, keep=has_checkpoint, publish=rank == 0) as tmp:
         work = tmp / "work"
         config = render_finetune(recipe, str(p.model.path), p.sources, work_dir=str(work))
         identity = {"olive_config": config, "data": asdict(p.sources), "model": model_fingerprint(p.model.path)}
@@ -138,11 +146,42 @@ def finetune(recipe: Recipe, output_dir: Path, dry_run: bool = False, resume: bo
         (tmp / "olive_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / _IDENTITY).write_text(json.dumps(identity, indent=2) + "\n")
         result = FinetuneResult(str(output_dir), None, dry_run, p.counts)
+        if p.topology:
+            result.machine = (p.topology.rank, p.topology.machines) if p.topology.machines > 1 else None
+            result.launch = distributed.launch_command(
+                work / "olive_config.distributed.json", recipe.distributed, p.topology
+            )
         if not dry_run:
-            _train(p, config, tmp, result)
+            _train(p, config, tmp, result, node_identity(recipe, p, work))
+        if rank:
+            return result  # machine 0 writes the output; this machine's work folder goes
         (tmp / "run.json").write_text(json.dumps(_run_record(p, result), indent=2) + "\n")
         (tmp / _IDENTITY).unlink()
     return result
+
+
+def node_folder(output_dir: Path, rank: int) -> Path:
+    """Where machine `rank` (> 0) of a multi-node run keeps its work: beside the output, so that machines
+    sharing a disk (and the same -o) do not collide; removed once the run is done."""
+    output_dir = Path(output_dir).absolute()
+    return output_dir.with_name(f"{output_dir.name}.machine-{rank}")
+
+
+def node_identity(recipe: Recipe, p: Plan, work: Path) -> dict:
+    """What a machine is about to train, compared across machines before launch (slmops.training.checkin)."""
+    import hashlib
+
+    from slmops.training.outputs import last_checkpoint
+
+    same = recipe.model_copy(deep=True)
+    same.model.name, same.distributed.machine_rank = "", 0  # may differ per machine: paths, ranks
+    point = last_checkpoint(work.parent)
+    return {
+        "recipe": hashlib.sha256(recipe_to_yaml(same).encode()).hexdigest(),
+        "data": {stage: source["sha256"] for stage, source in asdict(p.sources).items() if source},
+        "model": model_fingerprint(p.model.path),
+        "checkpoint": point[1] if point else None,
+    }
 
 
 _IDENTITY = "resume-check.json"  # what --resume compares: the Olive config, data hashes, model fingerprint
@@ -174,19 +213,19 @@ def _check_same_run(partial: Path, identity: dict) -> None:
         )
 
 
-def _train(p: Plan, config: dict, tmp: Path, result: FinetuneResult) -> None:
+def _train(p: Plan, config: dict, tmp: Path, result: FinetuneResult, identity: dict) -> None:
     import slmops.training.olive_data  # noqa: F401 - registers slmops' data components with Olive
 
     start = time.monotonic()
     with tracker_environment(p.recipe.training.report_to, p.recipe.name or "slmops"):
-        if p.recipe.distributed.num_processes > 1:
-            from slmops.training import distributed
-
-            distributed.run(config, tmp / "work", p.recipe.distributed)
+        if p.topology:
+            distributed.run(config, tmp / "work", p.recipe.distributed, p.topology, identity)
             workflow = None  # each rank ran run_workflow; rank 0's output is in the workflow's output folder
         else:
             workflow = run_workflow(config, tmp / "work" / "cwd", "Olive's fine-tune failed")
     result.seconds = round(time.monotonic() - start, 1)
+    if p.topology and p.topology.rank:
+        return  # global rank 0 is on machine 0: the adapter and the log are there
     adapter = _find_adapter(workflow, Path(config["output_dir"]))
     shutil.copytree(adapter, tmp / "adapter")
     result.adapter_dir = str(Path(result.output_dir) / "adapter")

@@ -164,7 +164,7 @@ def _dpo_pass(recipe: Recipe, has_eval: bool, work_dir: str) -> dict:
         "save_steps": dpo.save_steps,
         "output_dir": f"{work_dir}/dpo-checkpoints",
         "seed": recipe.training.seed,
-        "extra_args": dict(dpo.extra),
+        "extra_args": {**_multi_process_args(recipe), **dpo.extra},
     }
     if recipe.training.report_to:
         config["report_to"] = list(recipe.training.report_to)
@@ -232,14 +232,23 @@ def _training_args(recipe: Recipe, has_eval: bool, work_dir: str) -> dict:
         "remove_unused_columns": False,
         **save,
     }
-    if recipe.distributed.num_processes > 1:
+    if recipe.distributed.multi_process:
         args["ddp_find_unused_parameters"] = False  # the frozen base has no gradients; DDP must not wait for them
+        args.update(_multi_process_args(recipe))
     if has_eval:
         args["eval_strategy"] = "steps" if t.max_steps > 0 else "epoch"
         args["eval_on_start"] = True  # a step-0 eval loss, to show what training changed
         if t.max_steps > 0:
             args["eval_steps"] = t.save_steps or t.max_steps
     return args
+
+
+def _multi_process_args(recipe: Recipe) -> dict:
+    """Trainer settings for several processes: each machine keeps its own copy of every checkpoint (so each
+    resumes without a shared disk), and a collective waits at most distributed.timeout for a silent peer."""
+    if not recipe.distributed.multi_process:
+        return {}
+    return {"save_on_each_node": True, "ddp_timeout": int(recipe.distributed.timeout)}
 
 
 def validate(config: dict) -> None:

@@ -249,9 +249,31 @@ class TrainingSection(Section):
 
 
 class DistributedSection(Section):
-    """Data-parallel training under Hugging Face accelerate; only rank 0 writes outputs and logs."""
+    """Data-parallel training under Hugging Face accelerate (or torchrun), on one machine or several.
 
-    num_processes: int = Field(1, ge=1, le=1024, description="Training processes (one per GPU; on CPU, gloo).")
+    Every machine runs the same command with its own machine_rank; only global rank 0 writes the output.
+    An accelerate config file's own num_processes / num_machines / machine_rank / main_process_ip /
+    main_process_port hold where these keys are not set."""
+
+    num_processes: int = Field(
+        1, ge=1, le=65536, description="Training processes in all, over every machine (one per GPU; on CPU, gloo)."
+    )
+    num_machines: int = Field(1, ge=1, le=4096, description="Machines (nodes) taking part.")
+    machine_rank: int = Field(0, ge=0, description="This machine's rank, 0 to num_machines - 1; 0 writes the output.")
+    main_address: Optional[str] = Field(
+        None,
+        description="HOST:PORT of machine 0, needed with several machines. slmops' own check-in uses PORT, "
+        "the launcher's rendezvous PORT + 1.",
+    )
+    timeout: float = Field(
+        120.0,
+        gt=0,
+        le=86400,
+        description="Seconds a machine waits for the others (joining, or silent) before all stop.",
+    )
+    launcher: Literal["accelerate", "torchrun"] = Field(
+        "accelerate", description="What starts the training processes on each machine."
+    )
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp", description="ddp; fsdp and deepspeed take their settings from an accelerate config file."
     )
@@ -259,7 +281,7 @@ class DistributedSection(Section):
         None, description="accelerate config file (`accelerate config`), passed through."
     )
     main_process_port: Optional[int] = Field(
-        None, ge=1024, le=65535, description="Rendezvous port (default: a free one)."
+        None, ge=1024, le=65535, description="Rendezvous port on one machine (default: a free one)."
     )
 
     @model_validator(mode="after")
@@ -269,7 +291,17 @@ class DistributedSection(Section):
                 f"strategy {self.strategy} needs config_file: an accelerate config file with its "
                 "settings (write one with `accelerate config`)"
             )
+        if self.strategy != "ddp" and self.launcher == "torchrun":
+            raise ValueError(f"strategy {self.strategy} is set up by accelerate; use launcher: accelerate")
+        if self.main_address is not None:
+            host, _, port = self.main_address.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) < 65535:
+                raise ValueError(f"main_address {self.main_address!r} is not HOST:PORT (a port below 65535)")
         return self
+
+    @property
+    def multi_process(self) -> bool:
+        return self.num_processes > 1 or self.num_machines > 1 or self.config_file is not None
 
 
 class SystemSection(Section):
@@ -423,7 +455,7 @@ class Recipe(Section):
             raise ValueError("method qlora loads the base in 4 bits; drop model.load_in_8bit, or use method: lora")
         if self.search is not None:
             self._check_search(self.search)
-        if self.distributed.num_processes > 1 and self.system.type != "LocalSystem":
+        if self.distributed.multi_process and self.system.type != "LocalSystem":
             raise ValueError(
                 "distributed training runs on this machine; drop the `system` section or set "
                 "distributed.num_processes: 1"
