@@ -157,8 +157,10 @@ def test_an_accelerate_config_files_own_values_hold_where_no_flag_sets_them(tmp_
     topo = topology(dist)
     assert (topo.processes, topo.machines, topo.rank, topo.host, topo.port) == (4, 2, 1, "10.0.0.7", 29400)
     cmd = _launch(dist, tmp_path)
-    for flag in ("--num_processes", "--num_machines", "--machine_rank", "--main_process_ip", "--multi_gpu"):
+    for flag in ("--num_processes", "--num_machines", "--machine_rank", "--multi_gpu"):
         assert flag not in cmd  # on the command line they would override the file
+    # the file's address; its port is slmops' check-in, so the launcher's rendezvous takes the next one
+    assert (_flag(cmd, "--main_process_ip"), _flag(cmd, "--main_process_port")) == ("10.0.0.7", "29401")
     # a flag (or recipe key) wins over the file, and only it is passed
     cmd = _launch(DistributedSection(config_file=str(config), machine_rank=0), tmp_path)
     assert _flag(cmd, "--machine_rank") == "0" and "--num_machines" not in cmd
@@ -488,3 +490,29 @@ def test_the_readme_torchrun_example_renders_torchrun(tmp_path):
         "--master-port=29501",
     ]
     assert cmd[-3:-1] == ["-m", "slmops.training.distributed"]
+
+
+def test_machines_resume_from_the_newest_checkpoint_they_all_have(tmp_path):
+    from slmops.training.checkin import _common_checkpoint
+    from slmops.training.distributed import _keep_checkpoints_up_to
+
+    machine_0 = {"checkpoints": [["checkpoints", 10], ["checkpoints", 20]]}  # saved step 20; machine 1 was killed
+    machine_1 = {"checkpoints": [["checkpoints", 10]]}
+    assert _common_checkpoint({0: machine_0, 1: machine_1}) == ["checkpoints", "10"]
+    assert _common_checkpoint({0: machine_0, 1: {"checkpoints": [["checkpoints", 30]]}}) is None
+    two_stages = {"checkpoints": [["checkpoints", 40]], "other": 1}
+    assert _common_checkpoint(
+        {
+            0: {**two_stages, "checkpoints": [["checkpoints", 40], ["dpo-checkpoints", 8]]},
+            1: {**two_stages, "checkpoints": [["checkpoints", 40], ["dpo-checkpoints", 8]]},
+        }
+    ) == [
+        "dpo-checkpoints",
+        "8",
+    ]
+    for folder in ("checkpoints/checkpoint-10", "checkpoints/checkpoint-20", "dpo-checkpoints/checkpoint-4"):
+        (tmp_path / folder).mkdir(parents=True)
+    _keep_checkpoints_up_to(tmp_path, ["checkpoints", "10"])
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob("*/checkpoint-*")) == [
+        "checkpoints/checkpoint-10"
+    ]

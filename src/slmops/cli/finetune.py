@@ -116,10 +116,12 @@ def finetune_command(
 
     if resume and dry_run:
         raise RunError("--resume continues training and --dry-run trains nothing; drop one of them")
+    machines, rank = _machine(r)
+    if machines > 1 and output is None:  # a default name carries this machine's clock
+        raise RunError(f"{machines} machines need -o/--output, the same folder name on every machine")
     if resume and output is None:
         output = interrupted_run(r.name)
     output = output or default_output(r.name)
-    rank = _machine_rank(r)
     if dry_run:
         result = finetune(r, output, dry_run=True)
     elif rank:  # machine 0 writes the output, the runs index and the summary
@@ -149,13 +151,14 @@ def finetune_command(
         click.echo(_summary(r, result))
 
 
-def _machine_rank(recipe) -> int:
-    """This machine's rank in a multi-node run (the accelerate config file's, unless a flag or key sets it)."""
+def _machine(recipe) -> tuple[int, int]:
+    """(machines, this machine's rank): the accelerate config file's, unless a flag or recipe key sets them."""
     if not recipe.distributed.multi_process:
-        return 0
+        return 1, 0
     from slmops.training.distributed import topology
 
-    return topology(recipe.distributed).rank
+    topo = topology(recipe.distributed)
+    return topo.machines, topo.rank
 
 
 def _say_resume_point(output: Path) -> None:

@@ -26,9 +26,9 @@ BEAT_SECONDS = 2.0  # how often a training machine checks in
 
 
 def silence_limit(timeout: float) -> float:
-    """How long a machine may be silent before it counts as gone: the timeout less two check-ins, so that
-    noticing it and stopping still fit in the timeout."""
-    return max(timeout - 2 * BEAT_SECONDS, BEAT_SECONDS)
+    """How long a machine may be silent before it counts as gone: half the timeout, so that noticing it,
+    stopping the training processes and exiting still fit in the timeout on a loaded machine."""
+    return max(timeout / 2, 2 * BEAT_SECONDS)
 
 
 @dataclass
@@ -37,9 +37,12 @@ class _State:
     timeout: float
     joined: dict[int, dict] = field(default_factory=dict)
     verdict: Optional[str] = None  # "" once every identity matched
+    resume: Optional[list[str]] = None  # the newest checkpoint every machine has, if any
     last_seen: dict[int, float] = field(default_factory=dict)
     failure: Optional[str] = None  # the first failure reported, as the line every machine prints
     finished: set[int] = field(default_factory=set)  # done, or stopped because of another's failure
+    done: set[int] = field(default_factory=set)  # trained to the end
+    released: set[int] = field(default_factory=set)  # told that every machine is done, or left: need no answer
     lock: threading.Condition = field(default_factory=threading.Condition)
 
 
@@ -49,9 +52,15 @@ class Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, host: str, port: int, machines: int, timeout: float):
+    def __init__(self, port: int, machines: int, timeout: float):
         self.state = _State(machines, timeout)
-        super().__init__((host, port), _Handler)
+        try:  # every interface: the main address may name this machine by an address other than its own view
+            super().__init__(("", port), _Handler)
+        except OSError as exc:
+            raise RunError(
+                f"machine 0 cannot listen on port {port} ({exc.strerror or exc}); choose a free port in "
+                "--main-address (the launcher also takes the next one)"
+            ) from None
         self.thread = threading.Thread(target=self.serve_forever, name="slmops-checkin", daemon=True)
         self.thread.start()
 
@@ -67,7 +76,7 @@ class Server(socketserver.ThreadingTCPServer):
         def settled() -> bool:
             now = time.monotonic()
             return all(
-                r in s.finished or now - s.last_seen.get(r, now - s.timeout - 1) > silence_limit(s.timeout)
+                r in s.released or now - s.last_seen.get(r, now - s.timeout - 1) > silence_limit(s.timeout)
                 for r in range(1, s.machines)
             )
 
@@ -90,8 +99,15 @@ def _answer(s: _State, request: dict) -> dict:
         s.last_seen[rank] = time.monotonic()
         if op == "join":
             s.joined[rank] = request["identity"]
-            if len(s.joined) == s.machines:
-                s.verdict = _compare(s.joined)
+            if len(s.joined) == s.machines and s.verdict is None:
+                s.verdict, s.resume = _compare(s.joined), _common_checkpoint(s.joined)
+                if not s.verdict and s.resume is None and any(i.get("checkpoints") for i in s.joined.values()):
+                    s.verdict = (
+                        "no checkpoint is on every machine, so they cannot resume from the same step; "
+                        "delete every machine's work folder to start over"
+                    )
+                now = time.monotonic()
+                s.last_seen.update({r: now for r in s.joined})  # waiting for the others is not silence
                 s.lock.notify_all()
             done = s.lock.wait_for(lambda: s.verdict is not None, timeout=s.timeout)
             if not done:
@@ -101,15 +117,21 @@ def _answer(s: _State, request: dict) -> dict:
                     "start every machine with the same --main-address"
                 )
                 s.lock.notify_all()
-            return {"stop": s.verdict or None}
+            return {"stop": s.verdict or None, "resume": s.resume}
         if op == "fail":
             if s.failure is None:
                 s.failure = f"machine {rank} failed: {request['reason']}"
             s.finished.add(rank)
+            s.released.add(rank)
         elif op in ("done", "leave"):
             s.finished.add(rank)
+            if op == "done":
+                s.done.add(rank)
+        stop, all_done = s.failure or _silent(s), len(s.done) == s.machines
+        if op == "leave" or (op == "done" and (all_done or stop)):
+            s.released.add(rank)  # it has its answer: machine 0 may stop serving once all have theirs
         s.lock.notify_all()
-        return {"stop": s.failure or _silent(s)}
+        return {"stop": stop, "all_done": all_done}
 
 
 def _silent(s: _State) -> Optional[str]:
@@ -128,12 +150,7 @@ def _silent(s: _State) -> Optional[str]:
 
 def _compare(joined: dict[int, dict]) -> str:
     """'' if every machine is about to train the same thing, else the line that says which differs."""
-    labels = {
-        "recipe": "recipe",
-        "data": "data (sha256)",
-        "model": "model weights (fingerprint)",
-        "checkpoint": "checkpoint to resume from",
-    }
+    labels = {"recipe": "recipe", "data": "data (sha256)", "model": "model weights (fingerprint)"}
     first = joined[0]
     for rank in sorted(joined)[1:]:
         for key, label in labels.items():
@@ -143,6 +160,16 @@ def _compare(joined: dict[int, dict]) -> str:
                     f"{_short(first.get(key))}); run every machine with the same recipe, flags, data and model"
                 )
     return ""
+
+
+def _common_checkpoint(joined: dict[int, dict]) -> Optional[list[str]]:
+    """The newest checkpoint (stage folder, step) that every machine has complete, or None."""
+    sets = [{(str(c[0]), int(c[1])) for c in identity.get("checkpoints") or []} for identity in joined.values()]
+    common: set[tuple[str, int]] = set.intersection(*sets) if sets else set()
+    if not common:
+        return None
+    stage, step = max(common, key=lambda c: (c[0] != "checkpoints", c[1]))  # SFT's folder before DPO's
+    return [stage, str(step)]
 
 
 def _short(value: Any) -> str:
@@ -156,9 +183,11 @@ class Client:
     def __init__(self, host: str, port: int, rank: int, timeout: float):
         self.host, self.port, self.rank, self.timeout = host, port, rank, timeout
         self.last_answer = time.monotonic()
+        self.all_done = False
 
-    def join(self, identity: dict) -> None:
-        """Check in before training; RunError (the same line on every machine) unless all match."""
+    def join(self, identity: dict) -> Optional[list[str]]:
+        """Check in before training; RunError (the same line on every machine) unless all match.
+        Returns the (stage folder, step) every machine resumes from, if they have checkpoints."""
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -175,6 +204,19 @@ class Client:
         self.last_answer = time.monotonic()
         if reply["stop"]:
             raise RunError(reply["stop"])
+        return reply.get("resume")
+
+    def finish(self) -> None:
+        """Say this machine trained to the end, and wait (at most the timeout) until every machine has: a
+        failure elsewhere after this point still reaches this machine (RunError)."""
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            stop = self.check("done")
+            if stop:
+                raise RunError(stop)
+            if self.all_done:
+                return
+            time.sleep(0.5)
 
     def check(self, op: str = "beat", reason: str = "") -> Optional[str]:
         """Check in; the line to stop with, if another machine failed or went silent (or machine 0 is gone)."""
@@ -189,6 +231,7 @@ class Client:
                 )
             return None
         self.last_answer = time.monotonic()
+        self.all_done = bool(reply.get("all_done"))
         return reply["stop"]
 
     def _ask(self, request: dict, wait: float) -> dict:

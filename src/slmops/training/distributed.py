@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -64,7 +65,7 @@ def topology(dist: DistributedSection) -> Topology:
         port = port or _free_port()
     if not 0 <= rank < machines:
         raise RunError(f"distributed.machine_rank {rank} is outside 0..{machines - 1} (num_machines {machines})")
-    if machines > 1 and not dist.main_address and "main_process_ip" not in file:
+    if machines > 1 and not dist.main_address and not file.get("main_process_ip"):
         raise RunError(
             f"{machines} machines need machine 0's address: add --main-address HOST:PORT (the same on every machine)"
         )
@@ -135,8 +136,8 @@ def launch_command(config_path: Path, dist: DistributedSection, topo: Topology) 
         cmd += ["--num_machines", str(topo.machines)]
     if "machine_rank" in given:
         cmd += ["--machine_rank", str(topo.rank)]
-    if "main_address" in given or not dist.config_file:
-        cmd += ["--main_process_ip", topo.host, "--main_process_port", str(topo.launcher_port)]
+    # always: with several machines slmops' check-in holds the main port, so the launcher's is the next one
+    cmd += ["--main_process_ip", topo.host, "--main_process_port", str(topo.launcher_port)]
     if not dist.config_file:
         cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     return cmd + worker
@@ -155,14 +156,17 @@ def run(config: dict, work: Path, dist: DistributedSection, topo: Topology, iden
         return
     from slmops.training import checkin
 
-    server = checkin.Server(topo.host, topo.port, topo.machines, dist.timeout) if topo.rank == 0 else None
+    server = checkin.Server(topo.port, topo.machines, dist.timeout) if topo.rank == 0 else None
     client = checkin.Client(topo.host, topo.port, topo.rank, dist.timeout)
     try:
-        client.join(identity or {})
+        _keep_checkpoints_up_to(work, client.join(identity or {}))
         _train_here(launch_command(config_path, dist, topo), work, client)
-        client.check("done")
-    except BaseException:
-        client.check("leave")  # machine 0 need not wait for this one to hear the end
+        client.finish()
+    except RunError:
+        client.check("leave")  # the others know why (they told us, or _train_here reported it)
+        raise
+    except BaseException:  # Ctrl-C / SIGTERM here: stop the others now, not after a timeout
+        client.check("fail", "interrupted (Ctrl-C or SIGTERM)")
         raise
     finally:
         if server is not None:
@@ -170,7 +174,20 @@ def run(config: dict, work: Path, dist: DistributedSection, topo: Topology, iden
             server.close()
 
 
+def _keep_checkpoints_up_to(work: Path, resume: Optional[list[str]]) -> None:
+    """Drop the checkpoints newer than the one every machine has, so that all resume from the same step."""
+    if resume is None:
+        return
+    stage, step = resume[0], int(resume[1])
+    stages = sorted(p.name for p in work.glob("*checkpoints"))  # "checkpoints" (SFT) before "dpo-checkpoints"
+    for folder in work.glob("*checkpoints/checkpoint-*"):
+        later_stage = stages.index(folder.parent.name) > stages.index(stage) if stage in stages else False
+        if later_stage or (folder.parent.name == stage and int(folder.name.split("-")[1]) > step):
+            shutil.rmtree(folder)
+
+
 def _train_here(cmd: list[str], work: Path, client) -> None:
+    shutil.rmtree(work / SCRATCH, ignore_errors=True)  # a previous attempt's error lines are not this one's
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # Own process group: an interrupt reaches the launcher once, from us, and it stops its workers.
     process = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=sys.stderr, stderr=sys.stderr)
@@ -199,7 +216,7 @@ def _train_here(cmd: list[str], work: Path, client) -> None:
     raise RunError(stop or f"machine {client.rank} failed: {reason}")
 
 
-_PEER_LOST = re.compile(r"Connection (closed|reset)|Broken pipe|peer|Socket Timeout|timed out", re.IGNORECASE)
+_PEER_LOST = re.compile(r"gloo|NCCL|Connection (closed|reset) by peer|Broken pipe", re.IGNORECASE)
 
 
 def _beat() -> float:
@@ -242,8 +259,9 @@ def _free_port() -> int:
 
 def _failed_rank(work: Path) -> str:
     """The error line a rank of this machine left (error.txt), else the last error line of a quiet rank's log."""
-    for error in sorted((work / SCRATCH).glob("rank-*/error.txt")):
-        return f"{error.parent.name}: {error.read_text().strip()[:300]}"
+    own = [(e.parent.name, e.read_text().strip()[:300]) for e in sorted((work / SCRATCH).glob("rank-*/error.txt"))]
+    for rank, line in sorted(own, key=lambda e: bool(_PEER_LOST.search(e[1]))):  # a rank's own error first
+        return f"{rank}: {line}"
     for log in sorted((work / SCRATCH).glob("rank-*/log.txt")):
         lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
         errors = [line for line in lines if "Error" in line or "error" in line]

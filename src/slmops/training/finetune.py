@@ -171,17 +171,27 @@ def node_identity(recipe: Recipe, p: Plan, work: Path) -> dict:
     """What a machine is about to train, compared across machines before launch (slmops.training.checkin)."""
     import hashlib
 
-    from slmops.training.outputs import last_checkpoint
-
-    same = recipe.model_copy(deep=True)
-    same.model.name, same.distributed.machine_rank = "", 0  # may differ per machine: paths, ranks
-    point = last_checkpoint(work.parent)
+    same = recipe.model_dump(mode="json")  # blank what may differ per machine: paths and ranks (data: by sha256)
+    same["model"]["name"], same["distributed"]["machine_rank"], same["distributed"]["config_file"] = "", 0, None
+    for section in (same.get("data"), (same.get("dpo") or {}).get("data")):
+        if section:
+            section["file"] = section["eval_file"] = None
     return {
-        "recipe": hashlib.sha256(recipe_to_yaml(same).encode()).hexdigest(),
-        "data": {stage: source["sha256"] for stage, source in asdict(p.sources).items() if source},
+        "recipe": hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest(),
+        "data": {stage: source["sha256"] or source["dataset"] for stage, source in asdict(p.sources).items() if source},
         "model": model_fingerprint(p.model.path),
-        "checkpoint": point[1] if point else None,
+        "checkpoints": sorted([c.parent.name, step] for c, step in _complete_checkpoints(work)),
     }
+
+
+def _complete_checkpoints(work: Path) -> list[tuple[Path, int]]:
+    found = []
+    for state in work.glob("*/checkpoint-*/trainer_state.json"):
+        try:
+            found.append((state.parent, int(json.loads(state.read_text())["global_step"])))
+        except (OSError, ValueError, KeyError):
+            continue  # a save a kill cut short
+    return found
 
 
 _IDENTITY = "resume-check.json"  # what --resume compares: the Olive config, data hashes, model fingerprint

@@ -248,7 +248,11 @@ def _multi_process_args(recipe: Recipe) -> dict:
     resumes without a shared disk), and a collective waits at most distributed.timeout for a silent peer."""
     if not recipe.distributed.multi_process:
         return {}
-    return {"save_on_each_node": True, "ddp_timeout": int(recipe.distributed.timeout)}
+    args: dict = {"save_on_each_node": True}
+    if recipe.distributed.num_machines > 1:  # on one machine, the trainers' own (30 min) default stays
+        # the two newest checkpoints: a machine killed mid-save still shares the one before with the others
+        args.update(ddp_timeout=max(int(recipe.distributed.timeout), 10), save_total_limit=2)
+    return args
 
 
 def validate(config: dict) -> None:
