@@ -49,21 +49,28 @@ def supported() -> str:
 
 def architecture_name(model_path: Path) -> str:
     """transformers' class for the model (from config.json; by model_type where a folder omits it)."""
-    config = json.loads((Path(model_path) / "config.json").read_text())
-    by_type = {a.model_type: a.name for a in ARCHITECTURES.values()}
-    return (config.get("architectures") or [by_type.get(config.get("model_type", ""), "?")])[0]
+    return _name(_config(model_path))
 
 
 def architecture_of(model_path: Path) -> Architecture:
     """The model's architecture, or a one-line refusal naming the ones slmops exports."""
-    config = json.loads((Path(model_path) / "config.json").read_text())
-    name = architecture_name(model_path)
+    config = _config(model_path)
+    name = _name(config)
     if name not in ARCHITECTURES:
         raise RunError(
             f"model architecture {name} ({config.get('model_type', '?')}) is not one slmops can export with "
             f"adapters; supported: {supported()}"
         )
     return ARCHITECTURES[name]
+
+
+def _config(model_path: Path) -> dict:
+    return json.loads((Path(model_path) / "config.json").read_text())
+
+
+def _name(config: dict) -> str:
+    by_type = {a.model_type: a.name for a in ARCHITECTURES.values()}
+    return (config.get("architectures") or [by_type.get(config.get("model_type", ""), "?")])[0]
 
 
 def check_targets(model_path: Path, target_modules: list[str]) -> Architecture:

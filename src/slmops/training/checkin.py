@@ -168,8 +168,13 @@ def _common_checkpoint(joined: dict[int, dict]) -> Optional[list[str]]:
     common: set[tuple[str, int]] = set.intersection(*sets) if sets else set()
     if not common:
         return None
-    stage, step = max(common, key=lambda c: (c[0] != "checkpoints", c[1]))  # SFT's folder before DPO's
+    stage, step = max(common, key=lambda c: checkpoint_order(*c))
     return [stage, str(step)]
+
+
+def checkpoint_order(stage: str, step: int) -> tuple[bool, int]:
+    """Sorts checkpoints by when they were made: SFT's folder (`checkpoints`) before DPO's, then by step."""
+    return (stage != "checkpoints", step)
 
 
 def _short(value: Any) -> str:

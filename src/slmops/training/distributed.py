@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from slmops.core.errors import RunError
+from slmops.training import checkin
 from slmops.training.recipe import DistributedSection
 
 SCRATCH = "ranks"  # under the work folder: rank-N/{olive-cache,olive-output,log.txt}
@@ -154,8 +155,6 @@ def run(config: dict, work: Path, dist: DistributedSection, topo: Topology, iden
     if topo.machines == 1:
         _train_here(launch_command(config_path, dist, topo), work, None)
         return
-    from slmops.training import checkin
-
     server = checkin.Server(topo.port, topo.machines, dist.timeout) if topo.rank == 0 else None
     client = checkin.Client(topo.host, topo.port, topo.rank, dist.timeout)
     try:
@@ -178,15 +177,13 @@ def _keep_checkpoints_up_to(work: Path, resume: Optional[list[str]]) -> None:
     """Drop the checkpoints newer than the one every machine has, so that all resume from the same step."""
     if resume is None:
         return
-    stage, step = resume[0], int(resume[1])
-    stages = sorted(p.name for p in work.glob("*checkpoints"))  # "checkpoints" (SFT) before "dpo-checkpoints"
+    common = checkin.checkpoint_order(resume[0], int(resume[1]))
     for folder in work.glob("*checkpoints/checkpoint-*"):
-        later_stage = stages.index(folder.parent.name) > stages.index(stage) if stage in stages else False
-        if later_stage or (folder.parent.name == stage and int(folder.name.split("-")[1]) > step):
+        if checkin.checkpoint_order(folder.parent.name, int(folder.name.split("-")[1])) > common:
             shutil.rmtree(folder)
 
 
-def _train_here(cmd: list[str], work: Path, client) -> None:
+def _train_here(cmd: list[str], work: Path, client: Optional[checkin.Client]) -> None:
     shutil.rmtree(work / SCRATCH, ignore_errors=True)  # a previous attempt's error lines are not this one's
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # Own process group: an interrupt reaches the launcher once, from us, and it stops its workers.
@@ -198,18 +195,18 @@ def _train_here(cmd: list[str], work: Path, client) -> None:
         raise
     if code == 0:
         return
-    reason = _failed_rank(work) or f"its training processes exited {code}"
+    failed = _failed_rank(work)
     if client is None:
         raise RunError(
-            f"distributed training failed (the launcher exited {code}){': ' + reason if _failed_rank(work) else ''}; "
+            f"distributed training failed (the launcher exited {code}){': ' + failed if failed else ''}; "
             "rerun with --verbose, or with distributed.num_processes: 1 to see the error alone"
         )
+    reason = failed or f"its training processes exited {code}"
     if _PEER_LOST.search(reason):  # a peer went away: let machine 0 say which (bounded by the timeout)
         deadline = time.monotonic() + client.timeout
         while time.monotonic() < deadline:
             stop = client.check()
             if stop:
-                client.check("leave")
                 raise RunError(stop)
             time.sleep(0.5)
     stop = client.check("fail", reason)
@@ -219,24 +216,17 @@ def _train_here(cmd: list[str], work: Path, client) -> None:
 _PEER_LOST = re.compile(r"gloo|NCCL|Connection (closed|reset) by peer|Broken pipe", re.IGNORECASE)
 
 
-def _beat() -> float:
-    from slmops.training.checkin import BEAT_SECONDS
-
-    return BEAT_SECONDS
-
-
-def _wait(process: subprocess.Popen, client) -> int:
+def _wait(process: subprocess.Popen, client: Optional[checkin.Client]) -> int:
     """The launcher's exit code; with several machines, checking in meanwhile (RunError if another stopped)."""
     if client is None:
         return process.wait()
     while True:
         try:
-            return process.wait(timeout=_beat())
+            return process.wait(timeout=checkin.BEAT_SECONDS)
         except subprocess.TimeoutExpired:
             stop = client.check()
             if stop:
-                client.check("leave")
-                raise RunError(stop) from None
+                raise RunError(stop) from None  # run() tells machine 0 this one has left
 
 
 def _stop(process: subprocess.Popen) -> None:

@@ -28,7 +28,7 @@ from slmops.core.workflows import run_workflow, verbose
 from slmops.training import data as data_mod
 from slmops.training import distributed
 from slmops.training.olive_config import SFT_PASS, Sources, render_finetune, validate
-from slmops.training.outputs import has_checkpoint
+from slmops.training.outputs import complete_checkpoints, has_checkpoint
 from slmops.training.recipe import BNB_OPTIMIZERS, Recipe, recipe_to_yaml
 from slmops.training.tracking import check_trackers, keep_tensorboard_logs, tracker_environment
 
@@ -180,18 +180,8 @@ def node_identity(recipe: Recipe, p: Plan, work: Path) -> dict:
         "recipe": hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest(),
         "data": {stage: source["sha256"] or source["dataset"] for stage, source in asdict(p.sources).items() if source},
         "model": model_fingerprint(p.model.path),
-        "checkpoints": sorted([c.parent.name, step] for c, step in _complete_checkpoints(work)),
+        "checkpoints": sorted([c.parent.name, step] for c, step in complete_checkpoints(work)),
     }
-
-
-def _complete_checkpoints(work: Path) -> list[tuple[Path, int]]:
-    found = []
-    for state in work.glob("*/checkpoint-*/trainer_state.json"):
-        try:
-            found.append((state.parent, int(json.loads(state.read_text())["global_step"])))
-        except (OSError, ValueError, KeyError):
-            continue  # a save a kill cut short
-    return found
 
 
 _IDENTITY = "resume-check.json"  # what --resume compares: the Olive config, data hashes, model fingerprint

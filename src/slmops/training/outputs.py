@@ -82,17 +82,21 @@ def best_trial_folder(sweep_dir: Path) -> Path:
 def last_checkpoint(partial: Path) -> Optional[tuple[Path, int]]:
     """The checkpoint an interrupted fine-tune resumes from, and its step: the newest complete one
     of the stage that saved last (SFT's before DPO's in a two-stage run)."""
-    found = []
-    for state in partial.glob("work/*/checkpoint-*/trainer_state.json"):
-        try:
-            step = int(json.loads(state.read_text())["global_step"])
-        except (OSError, ValueError, KeyError):
-            continue  # a save the kill cut short: the run resumes from the one before
-        found.append((state.stat().st_mtime, step, state.parent))
+    found = complete_checkpoints(partial / "work")
     if not found:
         return None
-    _, step, folder = max(found)
-    return folder, step
+    return max(found, key=lambda c: ((c[0] / "trainer_state.json").stat().st_mtime, c[1]))
+
+
+def complete_checkpoints(work: Path) -> list[tuple[Path, int]]:
+    """Every checkpoint of a fine-tune's work folder that a save finished, with its step."""
+    found = []
+    for state in work.glob("*/checkpoint-*/trainer_state.json"):
+        try:
+            found.append((state.parent, int(json.loads(state.read_text())["global_step"])))
+        except (OSError, ValueError, KeyError):
+            continue  # a save the kill cut short: the run resumes from the one before
+    return found
 
 
 def has_checkpoint(partial: Path) -> bool:
